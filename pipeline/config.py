@@ -1,0 +1,238 @@
+"""The typed configuration: one frozen pydantic tree, loaded from YAML plus dotted overrides.
+
+Every entrypoint turns (YAML file, ["train.lr=3e-4", ...]) into a `Config` before Ray starts,
+so a typo or a bad value fails in one line that names the field, not deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGE_PREFIX = "package:"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (names the field)."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" turns an unknown key into an error that names it; frozen keeps workers honest.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Where the model and its tokenizer come from."""
+
+    source: Literal["hf_dir", "hub", "gguf", "config"]
+    # hf_dir: a directory; hub: a repo id; gguf: a .gguf file. `package:NAME/rel/path` points inside
+    # an installed Python package without importing it.
+    path: str | None = None
+    revision: str | None = None
+    # source=config: Hugging Face config kwargs, including model_type (a tiny model built from scratch).
+    architecture: dict[str, Any] | None = None
+    # source=config: text files (a glob) a byte-level BPE tokenizer is trained on.
+    tokenizer_corpus: str | None = None
+    tokenizer_vocab_size: int = Field(512, ge=64)
+    init_seed: int = 0
+    cache_dir: str = ".cache/pipeline/models"
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> "ModelConfig":
+        if self.source == "config":
+            if not self.architecture or "model_type" not in self.architecture:
+                raise ValueError("architecture must be given, with a model_type, when source is 'config'")
+            if not self.tokenizer_corpus:
+                raise ValueError("tokenizer_corpus must be given when source is 'config'")
+        elif not self.path:
+            raise ValueError(f"path must be given when source is '{self.source}'")
+        return self
+
+
+class SplitConfig(_Section):
+    """Which documents are held out for evaluation. The split is by document, never inside one."""
+
+    # hash: a stable hash of the document text decides (eval_fraction of documents go to eval).
+    # path_number: the first number that `path_pattern` captures in the file name decides
+    #              (documents whose number >= eval_from go to eval), e.g. the year of a speech.
+    rule: Literal["hash", "path_number"] = "hash"
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    path_pattern: str = r"^(\d+)"
+    eval_from: float | None = None
+
+    @model_validator(mode="after")
+    def _check_rule_fields(self) -> "SplitConfig":
+        if self.rule == "path_number" and self.eval_from is None:
+            raise ValueError("eval_from must be given when rule is 'path_number'")
+        return self
+
+
+class DataConfig(_Section):
+    path: str
+    format: Literal["text", "jsonl", "parquet", "hf"] = "text"
+    text_field: str = "text"
+    seq_len: int = Field(256, ge=8)
+    split: SplitConfig = SplitConfig()
+    cache_dir: str = ".cache/pipeline/data"
+    tokenize_actors: int = Field(2, ge=1)
+    tokenize_batch_size: int = Field(16, ge=1)
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)
+    # Torch intra-op threads per worker; None shares this machine's cores evenly between workers.
+    threads_per_worker: int | None = Field(None, ge=1)
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    micro_batch_size: int = Field(2, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_ticks: int = Field(50, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_ticks: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    shuffle: bool = True
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # ticks; 0 = only before and after training
+    eval_batches: int = Field(8, ge=1)  # micro batches per worker per evaluation (bounds eval cost)
+    checkpoint_every: int = Field(0, ge=0)  # ticks; 0 = only the final checkpoint
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    output_dir: str = "outputs"
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None  # MLFLOW_TRACKING_URI overrides it; None = sqlite under ./mlruns
+    experiment: str = "finetune"
+    run_name: str | None = None
+    log_model: bool = True
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None starts a local Ray (dashboard on 127.0.0.1)
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class Config(_Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        return _validate(apply_overrides(self.model_dump(mode="python"), overrides))
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply `a.b=value` overrides, validate. Raises ConfigError naming the field."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return _validate(apply_overrides(raw, overrides or []))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted keys (`train.lr=3e-4`); values are parsed as YAML, so numbers and lists work."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' must look like section.field=value")
+        node = result
+        *parents, leaf = key.split(".")
+        for index, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parents[: index + 1])}: is a value, cannot set '{key}'")
+            node = child
+        node[leaf] = yaml.safe_load(value) if value else ""
+    return result
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _validate(raw: dict) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("config error: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{field}: unknown field"
+    if error["type"] == "missing":
+        return f"{field}: required field is missing"
+    return f"{field}: {message} (got {error.get('input')!r})"
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}: how the config becomes MLflow params."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, child in value.items():
+        flat.update(flatten(child, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_path(path: str) -> str:
+    """Expand `package:NAME/rel` to a path inside an installed package (found without importing it,
+    since some asset packages fail or are slow to import), and `~`. Globs are kept as they are."""
+    if path.startswith(PACKAGE_PREFIX):
+        package, _, rel = path[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{path}: Python package '{package}' is not installed")
+        return str(Path(list(spec.submodule_search_locations)[0]) / rel)
+    return os.path.expanduser(path)
+
+
+def expand_files(path: str, field: str) -> list[Path]:
+    """A file, a directory (all files below it) or a glob -> sorted list of files. Errors name `field`."""
+    resolved = resolve_path(path)
+    if any(ch in resolved for ch in "*?["):
+        files = [Path(p) for p in glob.glob(resolved, recursive=True)]
+    elif Path(resolved).is_dir():
+        files = [p for p in Path(resolved).rglob("*") if not p.name.startswith(".")]
+    else:
+        files = [Path(resolved)] if Path(resolved).exists() else []
+    files = sorted(p for p in files if p.is_file())
+    if not files:
+        raise ConfigError(f"{field}: no files match '{path}'")
+    return files

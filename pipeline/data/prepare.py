@@ -1,0 +1,89 @@
+"""`pipeline prepare`: corpus -> packed parquet cache, keyed by a fingerprint of everything that
+changes the blocks (corpus files, tokenizer, seq_len, split rule, format)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import cached_dir, file_identity, stable_hash
+from pipeline.config import DataConfig
+from pipeline.data.pack import BlockPacker
+from pipeline.data.read import SPLITS, corpus_files, read_documents
+from pipeline.data.tokenize import flat_tokens, tokenize
+
+log = logging.getLogger(__name__)
+
+# Bump when the packed layout or the packing rule changes, so old caches are not reused.
+PACK_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    root: Path
+    fingerprint: str
+    seq_len: int
+    stats: dict  # split -> {documents, tokens, blocks, dropped_tail_tokens, files}
+    cache_hit: bool
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+    def blocks(self, split: str) -> int:
+        return self.stats[split]["blocks"]
+
+    def summary(self) -> str:
+        lines = [f"data cache {self.root} ({'reused' if self.cache_hit else 'written'}, "
+                 f"fingerprint {self.fingerprint})"]
+        for split in SPLITS:
+            s = self.stats[split]
+            lines.append(f"  {split:5s}: {s['documents']:,} documents, {s['tokens']:,} tokens -> "
+                         f"{s['blocks']:,} blocks of {self.seq_len} (dropped tail: {s['dropped_tail_tokens']:,} tokens)")
+        return "\n".join(lines)
+
+
+def data_fingerprint(cfg: DataConfig, files: list[Path], tokenizer_fingerprint: str) -> str:
+    return stable_hash({
+        "version": PACK_FORMAT_VERSION,
+        "files": [file_identity(p) for p in files],
+        "format": cfg.format,
+        "text_field": cfg.text_field,
+        "tokenizer": tokenizer_fingerprint,
+        "seq_len": cfg.seq_len,
+        "split": cfg.split.model_dump(mode="json"),
+    })
+
+
+def prepare_data(cfg: DataConfig, model_ref: str) -> PreparedData:
+    """Reuse the packed cache when the fingerprint matches; otherwise build it with Ray Data.
+    Ray must already be initialised (see pipeline.runtime)."""
+    from pipeline.models import hf_dir_fingerprint
+
+    files = corpus_files(cfg)
+    fingerprint = data_fingerprint(cfg, files, hf_dir_fingerprint(model_ref))
+    existed = (Path(cfg.cache_dir).expanduser().resolve() / fingerprint / "meta.json").is_file()
+    root = cached_dir(cfg.cache_dir, fingerprint, lambda out: _build(cfg, files, model_ref, out))
+    meta = json.loads((root / "meta.json").read_text())
+    return PreparedData(root=root, fingerprint=fingerprint, seq_len=meta["seq_len"], stats=meta["stats"],
+                        cache_hit=existed)
+
+
+def _build(cfg: DataConfig, files: list[Path], model_ref: str, out: Path) -> None:
+    import ray.data
+
+    # Blocks get their sample_id from their position in the stream, so Ray Data must hand the
+    # tokenized documents back in input order however many actors tokenized them.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    documents = read_documents(cfg, files)
+    tokenized = tokenize(documents, model_ref, cfg.tokenize_actors, cfg.tokenize_batch_size)
+    packers = {split: BlockPacker(out / split, cfg.seq_len) for split in SPLITS}
+    for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
+        values, offsets = flat_tokens(batch)
+        for index, split in enumerate(batch.column("split").to_pylist()):
+            packers[split].add_document(values[offsets[index]:offsets[index + 1]])
+    stats = {split: packer.close() for split, packer in packers.items()}
+    meta = {"seq_len": cfg.seq_len, "stats": stats, "model_ref": model_ref,
+            "corpus": [str(p) for p in files], "data_config": cfg.model_dump(mode="json")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,52 @@
+"""Tokenization in a Ray Data actor pool: the tokenizer is loaded once per actor, not per batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+class TokenizeDocuments:
+    """map_batches callable: {doc_key, text, split} -> {doc_key, split, input_ids (+EOS)}."""
+
+    def __init__(self, model_ref: str):
+        import os
+
+        # Each actor is one process; letting the Rust tokenizer spawn its own threads as well
+        # only oversubscribes the cores the pool already uses.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from pipeline.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_ref)
+        self.eos = self.tokenizer.eos_token_id
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                 verbose=False)["input_ids"]
+        input_ids = pa.array([ids + [self.eos] for ids in encoded], type=pa.list_(pa.int32()))
+        return pa.table({"doc_key": batch.column("doc_key"), "split": batch.column("split"),
+                         "input_ids": input_ids})
+
+
+def tokenize(documents, model_ref: str, actors: int, batch_size: int):
+    import ray
+    import ray.data
+
+    from pipeline.data.read import READ_TASK_CPUS
+
+    # Actors hold their CPUs for the whole run: if they took every CPU, no read task could be
+    # scheduled and the pipeline would wait forever. Leave one read task's worth free.
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    cpus_per_actor = min(1.0, max(0.01, (cpus - READ_TASK_CPUS) / actors))
+    return documents.map_batches(TokenizeDocuments, fn_constructor_args=(model_ref,), batch_size=batch_size,
+                                 batch_format="pyarrow", num_cpus=cpus_per_actor,
+                                 compute=ray.data.ActorPoolStrategy(size=actors))
+
+
+def flat_tokens(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The token values of a tokenized batch and the offsets where each document starts."""
+    column = batch.column("input_ids").combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]

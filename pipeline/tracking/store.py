@@ -1,0 +1,144 @@
+"""MLflow access. The only place in the project that imports mlflow.
+
+The driver opens a run (params, config artifact), rank 0 of the training workers logs per-tick
+metrics into it through `Tracker`, and the driver closes it (model, final status).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, flatten, to_yaml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = Path("mlruns")
+MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI wins over the config; the default is a sqlite file under ./mlruns."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if configured:
+        return configured
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def client_for(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_location(uri: str) -> str | None:
+    # A sqlite store would otherwise put artifacts in ./mlruns of whatever the current directory is.
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """What a worker needs to log into an existing run; picklable, no live client."""
+
+    uri: str
+    run_id: str
+
+
+class Tracker:
+    """Logs metrics for one run. Rank 0 gets this; every other rank gets NullTracker."""
+
+    def __init__(self, target: RunTarget):
+        self.target = target
+        self.client = client_for(target.uri)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.target.run_id, metrics=batch)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # log_batch takes at most 100 params
+            self.client.log_batch(self.target.run_id, params=items[start:start + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.target.run_id, key, value)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.target.run_id, text, artifact_file)
+
+
+class NullTracker:
+    """The no-op twin for ranks other than 0."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+
+def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
+    """Create the run, log the flattened config as params and the resolved YAML as an artifact."""
+    uri = tracking_uri(cfg.tracking.uri)
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (experiment.experiment_id if experiment else
+                     client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(uri)))
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    tracker = Tracker(RunTarget(uri, run.info.run_id))
+    tracker.log_params(flatten(cfg))
+    tracker.log_text(to_yaml(cfg), "config.yaml")
+    return tracker
+
+
+def end_run(tracker: Tracker, status: str) -> None:
+    assert status in STATUSES, status
+    tracker.client.set_terminated(tracker.target.run_id, status=status)
+
+
+def log_hf_model(tracker: Tracker, model_dir: Path, max_new_tokens: int) -> str:
+    """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it."""
+    import mlflow
+    import transformers
+
+    # pip_requirements is given explicitly: MLflow's inference of them imports torchvision,
+    # which is not installed (and not needed) here.
+    requirements = [f"transformers=={transformers.__version__}", "torch", "accelerate", "tokenizers"]
+    pipe = transformers.pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir))
+    mlflow.set_tracking_uri(tracker.target.uri)
+    with mlflow.start_run(run_id=tracker.target.run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=pipe, name="model", task="text-generation", pip_requirements=requirements,
+            model_config={"max_new_tokens": max_new_tokens})
+    return info.model_uri
+
+
+def load_pyfunc(model_uri: str, uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.pyfunc.load_model(model_uri)
+

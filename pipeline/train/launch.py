@@ -1,0 +1,136 @@
+"""The driver side of `pipeline train`: resolve the model and data, run the TorchTrainer, export
+the consolidated model, and record everything in one MLflow run."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+from pipeline.data import PreparedData, prepare_data
+from pipeline.models import materialize_model, max_positions
+from pipeline.runtime import ensure_ray
+from pipeline.train.worker import WorkerPlan, train_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    tracking_uri: str
+    run_name: str
+    metrics: dict
+    model_dir: Path
+    model_uri: str | None
+    checkpoint_dir: Path
+
+    def summary(self) -> str:
+        m = self.metrics
+        lines = [
+            f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
+            f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}",
+            f"model: {self.model_dir}",
+            f"MLflow run {self.run_id} ({self.run_name}) in {self.tracking_uri}",
+            f"  browse: mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
+        ]
+        if self.model_uri:
+            lines.append(f"  load:   mlflow.pyfunc.load_model('{self.model_uri}')")
+        return "\n".join(lines)
+
+
+def check_against_model(cfg: Config, model_ref: str) -> None:
+    limit = max_positions(model_ref)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is above the model's maximum of {limit} positions")
+
+
+def check_against_data(cfg: Config, data: PreparedData) -> None:
+    t = cfg.train
+    if data.blocks("train") < t.global_batch_size:
+        raise ConfigError(f"data: only {data.blocks('train')} training blocks, fewer than one global batch "
+                          f"({t.global_batch_size} = micro_batch_size x grad_accum x num_workers)")
+    if data.blocks("eval") < t.num_workers * t.micro_batch_size:
+        raise ConfigError(f"data.split: only {data.blocks('eval')} evaluation blocks, fewer than one micro "
+                          f"batch per worker ({t.num_workers} x {t.micro_batch_size}); hold out more documents")
+
+
+def prepare(cfg: Config) -> tuple[str, PreparedData]:
+    """Model first (the tokenizer defines the tokens), then the packed data cache."""
+    model_ref = materialize_model(cfg.model)
+    check_against_model(cfg, model_ref)
+    ensure_ray(cfg.ray)
+    data = prepare_data(cfg.data, model_ref)
+    return model_ref, data
+
+
+def run_training(cfg: Config) -> TrainOutcome:
+    from pipeline import tracking
+
+    model_ref, data = prepare(cfg)
+    print(data.summary(), flush=True)
+    check_against_data(cfg, data)
+    run_name = cfg.tracking.run_name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint})
+    tracker.log_params({"data.train_blocks": data.blocks("train"), "data.eval_blocks": data.blocks("eval"),
+                        "model.resolved": model_ref})
+    status = "FAILED"
+    try:
+        result = _fit(cfg, model_ref, data, tracker.target, run_name)
+        checkpoint_dir = Path(result.checkpoint.path)
+        model_dir = _export(checkpoint_dir, model_ref, Path(cfg.train.output_dir).resolve() / run_name / "model")
+        model_uri = (tracking.log_hf_model(tracker, model_dir, cfg.tracking.max_new_tokens)
+                     if cfg.tracking.log_model else None)
+        status = "FINISHED"
+        return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
+                            metrics=dict(result.metrics), model_dir=model_dir, model_uri=model_uri,
+                            checkpoint_dir=checkpoint_dir)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(tracker, status)
+
+
+def _fit(cfg: Config, model_ref: str, data: PreparedData, run, run_name: str):
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t = cfg.train
+    train_ds = ray.data.read_parquet(str(data.split_dir("train")))
+    if t.shuffle:
+        train_ds = train_ds.random_shuffle(seed=t.seed)
+    # A bounded eval subset, identical on every evaluation: eval_batches micro batches per worker.
+    eval_ds = ray.data.read_parquet(str(data.split_dir("eval"))).limit(t.eval_batches * t.micro_batch_size * t.num_workers)
+    # Keep the stored block order (deterministic runs); everything else as Ray Train's defaults.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, seq_len=data.seq_len)
+    trainer = TorchTrainer(
+        functools.partial(train_worker, plan),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=str(Path(t.output_dir).resolve() / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+        datasets={"train": train_ds, "eval": eval_ds},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+    )
+    return trainer.fit()
+
+
+def _export(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
+    from pipeline.train.export import export_hf_model
+
+    started = time.perf_counter()
+    model_dir = export_hf_model(checkpoint_dir, model_ref, out_dir)
+    log.info("exported consolidated model to %s in %.1fs", model_dir, time.perf_counter() - started)
+    return model_dir
+

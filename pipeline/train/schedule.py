@@ -1,0 +1,44 @@
+"""DeepSpeed config and the learning-rate schedule, generated from the typed TrainConfig."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.config import TrainConfig
+
+
+def uses_bf16(cfg: TrainConfig) -> bool:
+    # bf16 on CPUs without AVX-512 BF16 is several times slower than fp32, so CPU defaults to fp32.
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.global_batch_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": uses_bf16(cfg)},
+        "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed's periodic prints out of the log
+        "wall_clock_breakdown": False,
+    }
+    if cfg.use_gpu:
+        # Fused GPU AdamW. On CPU the engine gets a torch.optim.AdamW object instead: DeepSpeed's CPU
+        # Adam ops are compiled on first use (~1.5 min each) for no gain at these sizes.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas),
+                                                          "weight_decay": cfg.weight_decay}}
+    return config
+
+
+def lr_multiplier(cfg: TrainConfig, total_ticks: int):
+    """Linear warmup to lr, then cosine down to min_lr_ratio * lr at the last tick."""
+
+    def multiplier(tick: int) -> float:
+        if tick < cfg.warmup_ticks:
+            return (tick + 1) / (cfg.warmup_ticks + 1)
+        span = max(1, total_ticks - cfg.warmup_ticks)
+        progress = min(1.0, (tick - cfg.warmup_ticks) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier

@@ -1,0 +1,166 @@
+"""The training loop that runs inside each Ray Train worker: DeepSpeed over a HF causal LM.
+
+Rank 0 alone logs (console and MLflow). Every rank runs the same number of micro-steps, evals and
+checkpoints, because each of them is a collective under ZeRO.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.tracking import NullTracker, RunTarget, Tracker
+from pipeline.train.clock import TickClock
+from pipeline.train.schedule import deepspeed_config, lr_multiplier
+
+CHECKPOINT_TAG = "tick-{tick:06d}"
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a worker needs, resolved by the driver before Ray Train starts."""
+
+    config: Config
+    model_ref: str  # a local HF directory (or hub id)
+    run: RunTarget | None
+    seq_len: int
+
+
+def train_worker(plan: WorkerPlan) -> None:
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.models import load_causal_lm
+
+    cfg = plan.config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+
+    model = load_causal_lm(plan.model_ref)
+    model.config.use_cache = False
+    schedule = lr_multiplier(cfg, cfg.max_ticks)
+    optimizer = None if cfg.use_gpu else torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+
+    clock = TickClock()
+    first_eval = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory)
+        clock.load_state_dict(client_state["clock"])
+        first_eval = client_state.get("first_eval")
+
+    tracker = Tracker(plan.run) if rank == 0 and plan.run else NullTracker()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    eval_shard = ray.train.get_dataset_shard("eval")
+    batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size, cfg.grad_accum * clock.tick)
+
+    def evaluate() -> dict[str, float]:
+        loss = _evaluate(engine, eval_shard, cfg.micro_batch_size, device)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    if first_eval is None:
+        first_eval = evaluate()
+        tracker.log_metrics(first_eval, step=clock.tick)
+        say(f"[pipeline] tick {clock.tick}: eval loss {first_eval['eval_loss']:.4f}, "
+            f"perplexity {first_eval['eval_perplexity']:.2f} (before training)")
+
+    tokens_per_tick = cfg.global_batch_size * (plan.seq_len - 1)
+    while clock.tick < cfg.max_ticks:
+        started = time.perf_counter()
+        losses = []
+        for _ in range(cfg.grad_accum):
+            input_ids = next(batches)["input_ids"].to(device=device, dtype=torch.long)
+            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            clock.micro_step_done(cfg.grad_accum)
+        metrics = {
+            "loss": _mean_over_ranks(torch.stack(losses).mean(), world),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "tokens_per_s": tokens_per_tick / (time.perf_counter() - started),
+            "tick": clock.tick,
+        }
+        last_tick = clock.tick == cfg.max_ticks
+        if (cfg.eval_every and clock.tick % cfg.eval_every == 0) or last_tick:
+            metrics.update(evaluate())
+        if clock.tick % cfg.log_every == 0 or last_tick:
+            tracker.log_metrics(metrics, step=clock.tick)
+            say(_progress_line(metrics, cfg.max_ticks))
+        if (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick:
+            _save_and_report(engine, clock, first_eval, metrics)
+
+
+def _micro_batches(shard, micro_batch_size: int, skip: int):
+    """Micro batches forever, epoch after epoch. `skip` fast-forwards past already-trained ones."""
+    seen = 0
+    while True:
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True):
+            seen += 1
+            if seen > skip:
+                yield batch
+        if seen == 0:
+            raise RuntimeError("the training shard of this worker is empty: add data or lower "
+                               "train.num_workers or train.micro_batch_size")
+
+
+def _evaluate(engine, eval_shard, micro_batch_size: int, device) -> float:
+    """Mean next-token loss over this run's bounded eval subset, summed across all ranks."""
+    import torch.distributed as dist
+
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in eval_shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True):
+            input_ids = batch["input_ids"].to(device=device, dtype=torch.long)
+            predicted = input_ids.numel() - input_ids.shape[0]  # the first token of each row has no target
+            totals[0] += engine(input_ids=input_ids, labels=input_ids).loss.double() * predicted
+            totals[1] += predicted
+    engine.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return float(value) / world
+
+
+def _save_and_report(engine, clock: TickClock, first_eval: dict, metrics: dict) -> None:
+    import ray.train
+
+    report = {**metrics, **{f"{k}_start": v for k, v in first_eval.items()}}
+    tag = CHECKPOINT_TAG.format(tick=clock.tick)
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=tag,
+                               client_state={"clock": clock.state_dict(), "first_eval": first_eval})
+        Path(directory, "pipeline_tag").write_text(tag)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _progress_line(metrics: dict, total: int) -> str:
+    line = (f"[pipeline] tick {metrics['tick']}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+            f"grad-norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s")
+    if "eval_loss" in metrics:
+        line += f" | eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
+    return line
