@@ -1,0 +1,54 @@
+"""Root test configuration.
+
+TRITON_INTERPRET must be set before the first `import triton` anywhere in the process
+(torch._dynamo imports it too), so it is set here, before any test module imports anything.
+"""
+
+import os
+import sys
+
+assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could set TRITON_INTERPRET"
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline import runtime  # noqa: E402,F401  (Ray logging environment, before Ray is imported)
+from pipeline.config import Config, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_config(tmp: Path, *overrides: str) -> Config:
+    """configs/tiny.yaml with every cache, output and tracking location inside `tmp`."""
+    return load_config(TINY_YAML, [
+        f"model.cache_dir={tmp / 'models'}",
+        f"data.cache_dir={tmp / 'data'}",
+        f"train.output_dir={tmp / 'outputs'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A real local Ray instance for one test module, shut down after it."""
+    import ray
+
+    from pipeline.config import RayConfig
+    from pipeline.runtime import ensure_ray
+
+    ensure_ray(RayConfig())
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def no_tracking_env(monkeypatch):
+    """Tests that choose the tracking store themselves must not inherit the caller's."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

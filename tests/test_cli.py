@@ -1,0 +1,62 @@
+"""The CLI end to end, as a user runs it: subprocesses, a temporary MLflow store, configs/tiny.yaml."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_YAML
+
+CLI = [sys.executable, "-m", "pipeline"]
+
+
+def run_cli(args, tmp_path, timeout=600):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"}
+    return subprocess.run(CLI + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def locations(tmp_path):
+    return [f"model.cache_dir={tmp_path / 'models'}", f"data.cache_dir={tmp_path / 'data'}",
+            f"train.output_dir={tmp_path / 'outputs'}"]
+
+
+def test_config_error_is_one_line_before_ray_starts(tmp_path):
+    started = time.monotonic()
+    result = run_cli(["train", "--config", str(TINY_YAML), "train.lr=fast", "train.nope=1"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "train.lr:" in lines[0] and "train.nope: unknown field" in lines[0]
+    assert "Ray" not in result.stdout + result.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_module_and_console_script_agree():
+    script = Path(sys.executable).parent / "pipeline"  # the console script pip installed beside python
+    as_module = subprocess.run(CLI + ["--help"], capture_output=True, text=True, timeout=60)
+    as_script = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert as_module.returncode == as_script.returncode == 0
+    assert as_module.stdout.replace("__main__.py", "pipeline") == as_script.stdout
+    for name in ("prepare", "train", "runs"):
+        assert name in as_script.stdout
+
+
+@pytest.mark.slow
+def test_prepare_train_runs_end_to_end(tmp_path):
+    prepared = run_cli(["prepare", "--config", str(TINY_YAML), *locations(tmp_path)], tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert "written" in prepared.stdout and "blocks of 64" in prepared.stdout
+
+    trained = run_cli(["train", "--config", str(TINY_YAML), "--debug-steps", "4", *locations(tmp_path)], tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = trained.stdout + trained.stderr
+    assert "reused" in out  # train found the cache `prepare` wrote
+    assert "tick 4/4" in out and "perplexity before" in out and "mlflow ui --backend-store-uri" in out
+
+    listed = run_cli(["runs", "--experiment", "tiny"], tmp_path, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if "FINISHED" in line]
+    assert len(rows) == 1 and rows[0].split()[-2] == "4"

@@ -1,0 +1,81 @@
+import pytest
+
+from pipeline.config import ConfigError, apply_overrides, flatten, load_config
+from pipeline.tracking import tracking_uri
+
+from conftest import REPO, TINY_YAML
+
+
+def test_shipped_configs_parse():
+    tiny = load_config(TINY_YAML)
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert tiny.model.source == "config" and tiny.train.zero_stage == 2
+    assert demo.model.source == "gguf" and demo.data.split.eval_from == 2000
+    assert demo.train.num_workers == 2 and demo.train.zero_stage == 2
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(TINY_YAML, ["train.lr=3e-4", "train.max_ticks=3", "data.seq_len=128",
+                                  "train.betas=[0.8, 0.9]", "tracking.log_model=false"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.max_ticks == 3 and cfg.data.seq_len == 128
+    assert cfg.train.betas == (0.8, 0.9)
+    assert cfg.tracking.log_model is False
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.lrr=1", "train.lrr: unknown field"),
+    ("train.lr=fast", "train.lr:"),
+    ("train.zero_stage=4", "train.zero_stage:"),
+    ("data.format=csv", "data.format:"),
+    ("nonsense.key=1", "nonsense: unknown field"),
+    ("data.split.rule=path_number", None),  # valid rule, eval_from comes from the file
+])
+def test_errors_name_the_field(override, field):
+    if field is None:
+        load_config(TINY_YAML, [override])
+        return
+    with pytest.raises(ConfigError) as error:
+        load_config(TINY_YAML, [override])
+    message = str(error.value)
+    assert field in message
+    assert "\n" not in message
+
+
+def test_cross_field_rules_name_the_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {source: gguf}\ndata: {path: x}\n")
+    with pytest.raises(ConfigError, match=r"^config error: model: path must be given"):
+        load_config(path)
+    path.write_text("model: {source: hub, path: a/b}\ndata: {path: x, split: {rule: path_number}}\n")
+    with pytest.raises(ConfigError, match=r"data.split: eval_from must be given"):
+        load_config(path)
+
+
+def test_missing_required_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {source: hub, path: a/b}\n")
+    with pytest.raises(ConfigError, match="data: required field is missing"):
+        load_config(path)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.lr: is a value"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=2"])
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(load_config(TINY_YAML))
+    assert flat["train.lr"] == pytest.approx(3e-3)
+    assert flat["model.architecture.num_hidden_layers"] == 2
+    assert flat["data.split.rule"] == "path_number"
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(None).endswith("/mlruns/mlflow.db") and tracking_uri(None).startswith("sqlite:///")
+    assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/x.db")
+    assert tracking_uri("http://127.0.0.1:5000") == f"sqlite:///{tmp_path}/x.db"
