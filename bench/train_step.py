@@ -48,12 +48,13 @@ def pipeline_tick_seconds(tmp: Path, ticks: int) -> tuple[float, str]:
     return statistics.median(tokens_per_tick / r for r in rates), str(outcome.model_dir)
 
 
-def ddp_tick_seconds(model_dir: str, ticks: int, tmp: Path) -> float:
-    out = tmp / "ddp.json"
+def torchrun_tick_seconds(mode: str, model_dir: str, ticks: int, tmp: Path) -> float:
+    out = tmp / f"{mode}.json"
     env = {**os.environ, "THREADS": str(max(1, (os.cpu_count() or 2) // WORKERS))}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORKERS),
-                    "--master_addr", "127.0.0.1", "--master_port", "29533", str(REPO / "bench" / "ddp_baseline.py"),
-                    model_dir, str(MICRO), str(SEQ), str(ticks), str(WARMUP), str(out)], check=True, env=env)
+                    "--master_addr", "127.0.0.1", "--master_port", "29533", str(REPO / "bench" / "torchrun_loop.py"),
+                    mode, model_dir, str(MICRO), str(SEQ), str(ticks), str(WARMUP), str(out)],
+                   check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())["median_s"]
 
 
@@ -66,10 +67,12 @@ def main() -> None:
         import ray
 
         ray.shutdown()  # free the cores before the baseline runs
-        ddp_s = ddp_tick_seconds(model_dir, args.ticks, Path(tmp))
+        ddp_s = torchrun_tick_seconds("ddp", model_dir, args.ticks, Path(tmp))
+        deepspeed_s = torchrun_tick_seconds("deepspeed", model_dir, args.ticks, Path(tmp))
     print(f"batch: {WORKERS} workers x {MICRO} x {SEQ} tokens, median of {args.ticks} ticks after {WARMUP} warm-up")
-    print(f"torchrun DDP (gloo)           {ddp_s * 1000:8.1f} ms/tick  1.00x")
-    print(f"pipeline (Ray Train, ZeRO-2)  {pipeline_s * 1000:8.1f} ms/tick  {pipeline_s / ddp_s:.2f}x  (target <= 1.10x)")
+    print(f"torchrun DDP (gloo), the baseline      {ddp_s * 1000:8.1f} ms/tick  1.00x")
+    print(f"torchrun DeepSpeed ZeRO-2, no Ray      {deepspeed_s * 1000:8.1f} ms/tick  {deepspeed_s / ddp_s:.2f}x")
+    print(f"pipeline: Ray Train + DeepSpeed ZeRO-2 {pipeline_s * 1000:8.1f} ms/tick  {pipeline_s / ddp_s:.2f}x  (target <= 1.10x)")
 
 
 if __name__ == "__main__":

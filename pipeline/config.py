@@ -81,7 +81,7 @@ class DataConfig(_Section):
     split: SplitConfig = SplitConfig()
     cache_dir: str = ".cache/pipeline/data"
     tokenize_actors: int = Field(2, ge=1)
-    tokenize_batch_size: int = Field(16, ge=1)
+    tokenize_batch_size: int = Field(64, ge=1)
 
 
 class TrainConfig(_Section):

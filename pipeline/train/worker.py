@@ -84,8 +84,11 @@ def train_worker(plan: WorkerPlan) -> None:
     while clock.tick < cfg.max_ticks:
         started = time.perf_counter()
         losses = []
+        data_wait = 0.0
         for _ in range(cfg.grad_accum):
+            fetch_started = time.perf_counter()
             input_ids = next(batches)["input_ids"].to(device=device, dtype=torch.long)
+            data_wait += time.perf_counter() - fetch_started
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
             engine.step()
@@ -96,6 +99,7 @@ def train_worker(plan: WorkerPlan) -> None:
             "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "tokens_per_s": tokens_per_tick / (time.perf_counter() - started),
+            "data_wait_s": data_wait,  # time this rank waited for input: high means input-bound
             "tick": clock.tick,
         }
         last_tick = clock.tick == cfg.max_ticks
