@@ -100,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from pipeline.train import TrainingFailed
+
+        if not isinstance(exc, TrainingFailed):
+            raise
+        print(f"pipeline: training failed: {exc} (worker tracebacks are in the log above)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)
         return 130

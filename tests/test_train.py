@@ -61,6 +61,16 @@ def test_mlflow_run_has_params_metrics_and_config(trained):
     assert "config.yaml" in artifacts
 
 
+def test_checkpoints_every_n_ticks_keep_the_last_k(trained):
+    cfg, outcome = trained
+    run_storage = outcome.checkpoint_dir.parent
+    tags = sorted((p / "pipeline_tag").read_text() for p in run_storage.glob("checkpoint_*"))
+    assert tags == ["tick-000004", "tick-000008"]  # checkpoint_every=4, keep_checkpoints=2
+    assert (outcome.checkpoint_dir / "pipeline_tag").read_text() == "tick-000008"
+    # Every rank's ZeRO-2 optimizer shard was merged into the one checkpoint directory.
+    assert len(list((outcome.checkpoint_dir / "tick-000008").glob("*optim_states.pt"))) == WORKERS
+
+
 def eval_loss_of(model, eval_dir, n_blocks):
     """Mean next-token loss over the first n_blocks of the eval split, as the trainer defines it."""
     table = pq.read_table(sorted(eval_dir.glob("*.parquet"))[0]).slice(0, n_blocks)

@@ -1,5 +1,5 @@
 """Ray Train + DeepSpeed fine-tuning: the only package where ranks exist."""
 
-from pipeline.train.launch import TrainOutcome, prepare, run_training
+from pipeline.train.launch import TrainingFailed, TrainOutcome, prepare, run_training
 
-__all__ = ["TrainOutcome", "prepare", "run_training"]
+__all__ = ["TrainingFailed", "TrainOutcome", "prepare", "run_training"]

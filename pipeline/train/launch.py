@@ -18,6 +18,37 @@ from pipeline.train.worker import WorkerPlan, train_worker
 log = logging.getLogger(__name__)
 
 
+class TrainingFailed(RuntimeError):
+    """Training stopped on the workers; the message names each failed rank and its error."""
+
+
+def describe_failure(error: Exception) -> str:
+    """One line per failed rank instead of Ray's nested traceback (which is still logged above)."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return str(error).strip().splitlines()[-1]
+    lines = []
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        lines.append(f"rank {rank}: {type(cause).__name__}: {message}")
+    return "; ".join(lines)
+
+
+def check_against_cluster(cfg: Config) -> None:
+    """Ray would wait forever for resources the cluster does not have: fail now, naming the field."""
+    import ray
+
+    t = cfg.train
+    available = ray.cluster_resources()
+    if t.use_gpu and available.get("GPU", 0) < t.num_workers:
+        raise ConfigError(f"train.use_gpu: the Ray cluster has {available.get('GPU', 0):g} GPUs, "
+                          f"fewer than train.num_workers ({t.num_workers})")
+    if t.cpus_per_worker * t.num_workers > available.get("CPU", 0):
+        raise ConfigError(f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs is more than "
+                          f"the {available.get('CPU', 0):g} CPUs of the Ray cluster")
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
     run_id: str
@@ -63,6 +94,7 @@ def prepare(cfg: Config) -> tuple[str, PreparedData]:
     model_ref = materialize_model(cfg.model)
     check_against_model(cfg, model_ref)
     ensure_ray(cfg.ray)
+    check_against_cluster(cfg)
     data = prepare_data(cfg.data, model_ref)
     return model_ref, data
 
@@ -123,7 +155,10 @@ def _fit(cfg: Config, model_ref: str, data: PreparedData, run, run_name: str):
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingFailed(describe_failure(error)) from error
 
 
 def _export(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:

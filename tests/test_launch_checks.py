@@ -1,0 +1,30 @@
+"""Checks the driver makes before Ray Train starts, and how worker failures are reported."""
+
+import pytest
+from ray.train import WorkerGroupError
+
+from pipeline.config import ConfigError
+from pipeline.train.launch import check_against_cluster, check_against_model, describe_failure
+
+from conftest import tiny_config
+
+
+def test_worker_failures_become_one_line_per_rank():
+    error = WorkerGroupError("details", {1: RuntimeError("shard empty"), 0: ValueError("bad value\nsecond line")})
+    assert describe_failure(error) == "rank 0: ValueError: second line; rank 1: RuntimeError: shard empty"
+
+
+def test_resources_the_cluster_lacks_fail_fast(ray_session, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.use_gpu: the Ray cluster has 0 GPUs"):
+        check_against_cluster(tiny_config(tmp_path, "train.use_gpu=true"))
+    with pytest.raises(ConfigError, match=r"train.cpus_per_worker: 2 workers x 8 CPUs"):
+        check_against_cluster(tiny_config(tmp_path, "train.cpus_per_worker=8"))
+    check_against_cluster(tiny_config(tmp_path))
+
+
+def test_seq_len_above_model_positions(tmp_path):
+    from pipeline.models import materialize_model
+
+    cfg = tiny_config(tmp_path, "data.seq_len=512")
+    with pytest.raises(ConfigError, match=r"data.seq_len: 512 is above the model's maximum of 256"):
+        check_against_model(cfg, materialize_model(cfg.model))
