@@ -64,7 +64,7 @@ def test_mlflow_run_has_params_metrics_and_config(trained):
 def test_checkpoints_every_n_ticks_keep_the_last_k(trained):
     cfg, outcome = trained
     run_storage = outcome.checkpoint_dir.parent
-    tags = sorted((p / "pipeline_tag").read_text() for p in run_storage.glob("checkpoint_*"))
+    tags = sorted((p / "pipeline_tag").read_text() for p in run_storage.glob("checkpoint_*") if p.is_dir())
     assert tags == ["tick-000004", "tick-000008"]  # checkpoint_every=4, keep_checkpoints=2
     assert (outcome.checkpoint_dir / "pipeline_tag").read_text() == "tick-000008"
     # Every rank's ZeRO-2 optimizer shard was merged into the one checkpoint directory.
