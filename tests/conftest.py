@@ -18,21 +18,15 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline import runtime  # noqa: E402,F401  (Ray logging environment, before Ray is imported)
-from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, load_config, location_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 
 
 def tiny_config(tmp: Path, *overrides: str) -> Config:
-    """configs/tiny.yaml with every cache, output and tracking location inside `tmp`."""
-    return load_config(TINY_YAML, [
-        f"model.cache_dir={tmp / 'models'}",
-        f"data.cache_dir={tmp / 'data'}",
-        f"train.output_dir={tmp / 'outputs'}",
-        f"tracking.uri=sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
-        *overrides,
-    ])
+    """configs/tiny.yaml with every location inside `tmp`."""
+    return load_config(TINY_YAML, [*location_overrides(tmp), *overrides])
 
 
 @pytest.fixture(scope="module")

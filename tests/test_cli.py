@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import location_overrides
+
 from conftest import TINY_YAML
 
 CLI = [sys.executable, "-m", "pipeline"]
@@ -19,8 +21,8 @@ def run_cli(args, tmp_path, timeout=600):
 
 
 def locations(tmp_path):
-    return [f"model.cache_dir={tmp_path / 'models'}", f"data.cache_dir={tmp_path / 'data'}",
-            f"train.output_dir={tmp_path / 'outputs'}"]
+    # The tracking store comes from MLFLOW_TRACKING_URI (set by run_cli), which overrides the config's.
+    return location_overrides(tmp_path)
 
 
 def test_config_error_is_one_line_before_ray_starts(tmp_path):

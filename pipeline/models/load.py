@@ -43,19 +43,19 @@ def materialize_model(cfg: ModelConfig) -> str:
     return str(cached_dir(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out)))
 
 
-def load_tokenizer(model_ref: str, revision: str | None = None):
+def load_tokenizer(model_ref: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_ref, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(model_ref)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model.path: the tokenizer of '{model_ref}' has no EOS token; packing needs one")
     return tokenizer
 
 
-def load_causal_lm(model_ref: str, revision: str | None = None, dtype: torch.dtype = torch.float32):
+def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_ref, revision=revision, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
 
 
 def max_positions(model_ref: str) -> int | None:

@@ -31,20 +31,23 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def client_for(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if _sqlite_file(uri):
+        _sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 
 def _artifact_location(uri: str) -> str | None:
     # A sqlite store would otherwise put artifacts in ./mlruns of whatever the current directory is.
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
-    return None
+    database = _sqlite_file(uri)
+    return (database.parent / "artifacts").resolve().as_uri() if database else None
 
 
 @dataclass(frozen=True)

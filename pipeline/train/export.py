@@ -9,6 +9,7 @@ import torch
 
 from pipeline.cache import cached_dir
 
+
 log = logging.getLogger(__name__)
 
 
@@ -41,6 +42,8 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path
         load_tokenizer(model_ref).save_pretrained(tmp)
 
     out_dir = Path(out_dir)
+    if out_dir.exists():  # cached_dir would return it as is: never hand back another run's model
+        raise FileExistsError(f"{out_dir} already exists; an export never overwrites another run's model")
     return cached_dir(out_dir.parent, out_dir.name, build)
 
 

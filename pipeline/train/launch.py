@@ -109,11 +109,14 @@ def run_training(cfg: Config) -> TrainOutcome:
     tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint})
     tracker.log_params({"data.train_blocks": data.blocks("train"), "data.eval_blocks": data.blocks("eval"),
                         "model.resolved": model_ref})
+    # Ray Train resumes a run whose name it finds in storage, and run names repeat (a fixed
+    # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
+    run_key = f"{run_name}-{tracker.target.run_id[:8]}"
     status = "FAILED"
     try:
-        result = _fit(cfg, model_ref, data, tracker.target, run_name)
+        result = _fit(cfg, model_ref, data, tracker.target, run_key)
         checkpoint_dir = Path(result.checkpoint.path)
-        model_dir = _export(checkpoint_dir, model_ref, Path(cfg.train.output_dir).resolve() / run_name / "model")
+        model_dir = _export(checkpoint_dir, model_ref, Path(cfg.train.output_dir).resolve() / run_key / "model")
         model_uri = (tracking.log_hf_model(tracker, model_dir, cfg.tracking.max_new_tokens)
                      if cfg.tracking.log_model else None)
         status = "FINISHED"

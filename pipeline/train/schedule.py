@@ -32,12 +32,13 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 
 def lr_multiplier(cfg: TrainConfig, total_ticks: int):
-    """Linear warmup to lr, then cosine down to min_lr_ratio * lr at the last tick."""
+    """Multiplier of lr for the optimizer step taken at `tick` (0-based): linear warmup to lr, then
+    cosine down to exactly min_lr_ratio * lr at the last step (tick total_ticks - 1)."""
 
     def multiplier(tick: int) -> float:
         if tick < cfg.warmup_ticks:
             return (tick + 1) / (cfg.warmup_ticks + 1)
-        span = max(1, total_ticks - cfg.warmup_ticks)
+        span = max(1, total_ticks - 1 - cfg.warmup_ticks)
         progress = min(1.0, (tick - cfg.warmup_ticks) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -85,27 +85,32 @@ def train_worker(plan: WorkerPlan) -> None:
         started = time.perf_counter()
         losses = []
         data_wait = 0.0
-        for _ in range(cfg.grad_accum):
+        lr = scheduler.get_last_lr()[0]  # the rate this tick's optimizer step uses
+        for micro in range(cfg.grad_accum):
             fetch_started = time.perf_counter()
             input_ids = next(batches)["input_ids"].to(device=device, dtype=torch.long)
             data_wait += time.perf_counter() - fetch_started
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
+            if micro == cfg.grad_accum - 1:
+                unclipped_norm = _grad_norm_if_untracked(engine)
             engine.step()
             losses.append(loss.detach().float())
             clock.micro_step_done(cfg.grad_accum)
+        grad_norm = engine.get_global_grad_norm()
         metrics = {
             "loss": _mean_over_ranks(torch.stack(losses).mean(), world),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "lr": lr,
+            "grad_norm": float(grad_norm if grad_norm is not None else unclipped_norm),
             "tokens_per_s": tokens_per_tick / (time.perf_counter() - started),
             "data_wait_s": data_wait,  # time this rank waited for input: high means input-bound
             "tick": clock.tick,
         }
         last_tick = clock.tick == cfg.max_ticks
-        if (cfg.eval_every and clock.tick % cfg.eval_every == 0) or last_tick:
+        evaluated = (cfg.eval_every and clock.tick % cfg.eval_every == 0) or last_tick
+        if evaluated:
             metrics.update(evaluate())
-        if clock.tick % cfg.log_every == 0 or last_tick:
+        if clock.tick % cfg.log_every == 0 or evaluated:
             tracker.log_metrics(metrics, step=clock.tick)
             say(_progress_line(metrics, cfg.max_ticks))
         if (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick:
@@ -123,6 +128,16 @@ def _micro_batches(shard, micro_batch_size: int, skip: int):
         if seen == 0:
             raise RuntimeError("the training shard of this worker is empty: add data or lower "
                                "train.num_workers or train.micro_batch_size")
+
+
+def _grad_norm_if_untracked(engine) -> float:
+    """DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only. At stage 0
+    with a plain torch optimizer it reports None, so measure the same thing (the norm of the
+    averaged gradients, before clipping) here. Returns NaN when DeepSpeed tracks it itself."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return float("nan")
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 def _evaluate(engine, eval_shard, micro_batch_size: int, device) -> float:
