@@ -39,8 +39,9 @@ def client_for(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    if _sqlite_file(uri):
-        _sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
+    database = _sqlite_file(uri)
+    if database:
+        database.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 

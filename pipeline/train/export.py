@@ -33,9 +33,9 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path
     def build(tmp: Path) -> None:
         model = load_causal_lm(model_ref)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {name for name in missing if _is_tied(model, name)}
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+        untied_missing = set(missing) - _tied_names(model)
+        if unexpected or untied_missing:
+            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(untied_missing)[:5]}, "
                                f"unexpected {sorted(unexpected)[:5]}")
         model.tie_weights()
         model.save_pretrained(tmp)
@@ -47,8 +47,8 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path
     return cached_dir(out_dir.parent, out_dir.name, build)
 
 
-def _is_tied(model, name: str) -> bool:
-    """True for a weight that shares storage with another (e.g. lm_head tied to the embeddings)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    unique = dict(model.named_parameters())
-    return name in params and name not in unique
+def _tied_names(model) -> set[str]:
+    """Weights that share storage with another (e.g. lm_head tied to the embeddings): checkpoints
+    store them once, under the other name."""
+    unique = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique

@@ -130,7 +130,7 @@ def run_training(cfg: Config) -> TrainOutcome:
         tracking.end_run(tracker, status)
 
 
-def _fit(cfg: Config, model_ref: str, data: PreparedData, run, run_name: str):
+def _fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str):
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -150,7 +150,7 @@ def _fit(cfg: Config, model_ref: str, data: PreparedData, run, run_name: str):
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_name,
+            name=storage_name,
             storage_path=str(Path(t.output_dir).resolve() / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),

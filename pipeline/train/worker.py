@@ -81,6 +81,9 @@ def train_worker(plan: WorkerPlan) -> None:
             f"perplexity {first_eval['eval_perplexity']:.2f} (before training)")
 
     tokens_per_tick = cfg.global_batch_size * (plan.seq_len - 1)
+    # DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only; at stage 0 with
+    # a plain torch optimizer it reports None, so there we measure the same thing ourselves.
+    measure_grad_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     while clock.tick < cfg.max_ticks:
         started = time.perf_counter()
         losses = []
@@ -92,16 +95,18 @@ def train_worker(plan: WorkerPlan) -> None:
             data_wait += time.perf_counter() - fetch_started
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
-            if micro == cfg.grad_accum - 1:
-                unclipped_norm = _grad_norm_if_untracked(engine)
+            if measure_grad_norm and micro == cfg.grad_accum - 1:
+                grad_norm = _grad_norm(engine.module)  # averaged over ranks, before clipping
             engine.step()
             losses.append(loss.detach().float())
             clock.micro_step_done(cfg.grad_accum)
-        grad_norm = engine.get_global_grad_norm()
+        if not measure_grad_norm:
+            reported = engine.get_global_grad_norm()
+            grad_norm = float("nan") if reported is None else float(reported)
         metrics = {
             "loss": _mean_over_ranks(torch.stack(losses).mean(), world),
             "lr": lr,
-            "grad_norm": float(grad_norm if grad_norm is not None else unclipped_norm),
+            "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_tick / (time.perf_counter() - started),
             "data_wait_s": data_wait,  # time this rank waited for input: high means input-bound
             "tick": clock.tick,
@@ -130,13 +135,8 @@ def _micro_batches(shard, micro_batch_size: int, skip: int):
                                "train.num_workers or train.micro_batch_size")
 
 
-def _grad_norm_if_untracked(engine) -> float:
-    """DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only. At stage 0
-    with a plain torch optimizer it reports None, so measure the same thing (the norm of the
-    averaged gradients, before clipping) here. Returns NaN when DeepSpeed tracks it itself."""
-    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
-        return float("nan")
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
