@@ -8,8 +8,8 @@ import triton
 from pipeline.kernels.spec import NormSpec, rows_2d
 from pipeline.kernels.triton_norm import _norm_bwd, _norm_bwd_row_stats, _norm_fwd, _sum_partials
 
-MAX_TILE = 4096  # elements per program tile: bounds registers on a GPU
-MAX_BLOCK_N = 4096  # a longer row is processed in chunks
+MAX_TILE = 2048  # elements per program tile: with 8 warps, no variant spills registers (AOT report)
+MAX_BLOCK_N = 2048  # a longer row is processed in chunks
 MAX_ROW_PROGRAMS = 128  # backward row programs: fixed per shape, so dγ/dβ sum in a fixed order
 
 
@@ -18,7 +18,10 @@ def launch_config(n: int, max_block_n: int = MAX_BLOCK_N) -> dict:
     block_n = min(triton.next_power_of_2(n), triton.next_power_of_2(max_block_n))
     block_m = max(1, min(16, MAX_TILE // block_n))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "SINGLE_PASS": n <= block_n,
-            "num_warps": 4 if block_m * block_n <= 2048 else 8}
+            # 256 tile elements per warp keeps the noisy backward (Box-Muller temporaries) unspilled.
+            "num_warps": max(4, block_m * block_n // 256),
+            # Left alone, ptxas sometimes caps the noisy backward at 80 registers and spills a few bytes.
+            "maxnreg": 128}
 
 
 class TritonNorm(torch.autograd.Function):
@@ -59,6 +62,7 @@ class TritonNorm(torch.autograd.Function):
             _norm_bwd_row_stats[(triton.cdiv(m, block_m),)](
                 dy2, x2, weight, mean, rstd, c1, c2, dy2.stride(0), x2.stride(0), m, n, spec.weight_offset,
                 IS_RMS=spec.is_rms, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=config["num_warps"],
+                maxnreg=config["maxnreg"],
             )
         _norm_bwd[(row_programs, col_chunks)](
             dy2, x2, weight, mean, rstd, row_ids, c1, c2, dx, partial_w, partial_b,

@@ -14,7 +14,8 @@ import torch
 from pipeline.noise.context import NoiseContext, active_noise_context, noise_context
 from pipeline.noise.philox import philox_normal, stream_key
 
-__all__ = ["Noise", "NoiseContext", "active_noise_context", "noise_context", "normal", "sigma_at", "stream_key"]
+__all__ = ["Noise", "NoiseContext", "active_noise_context", "noise_context", "normal", "offsets", "sigma_at",
+           "stream_key"]
 
 
 @dataclass(frozen=True)
