@@ -31,6 +31,7 @@ test-fast: install
 bench: install
 	$(PY) bench/data_prep.py
 	$(PY) bench/train_step.py
+	$(PY) bench/norm.py
 
 clean:
 	rm -rf $(VENV) .cache outputs mlruns .pytest_cache

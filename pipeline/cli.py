@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from pipeline import runtime  # noqa: F401  (sets Ray's logging environment before Ray is imported)
@@ -35,6 +36,9 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     config_arguments(parser)
     parser.add_argument("--debug-steps", type=_positive_int, metavar="N",
                         help="smoke run: stop after N ticks (sets train.max_ticks)")
+    parser.add_argument("--resume", metavar="CHECKPOINT",
+                        help="continue from a checkpoint directory: tick, weights, optimizer and data position "
+                             "(sets train.resume_from)")
 
 
 def _positive_int(text: str) -> int:
@@ -54,6 +58,8 @@ def load(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if getattr(args, "debug_steps", None) is not None:
         overrides.append(f"train.max_ticks={args.debug_steps}")
+    if getattr(args, "resume", None):
+        overrides.append(f"train.resume_from={Path(args.resume).resolve()}")
     return load_config(args.config, overrides)
 
 

@@ -108,10 +108,25 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     output_dir: str = "outputs"
+    resume_from: str | None = None  # a checkpoint directory (`pipeline train --resume`)
 
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.num_workers
+
+
+class NoiseConfig(_Section):
+    """Noise σ_t·ε added inside every fused norm: σ_t = sigma·(1+tick)^(−decay). 0 turns it off."""
+
+    sigma: float = Field(0.0, ge=0)
+    decay: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+class KernelConfig(_Section):
+    """Which implementation of the fused norm runs: Triton on GPUs, the torch path on CPUs."""
+
+    backend: Literal["auto", "triton", "torch"] = "auto"
 
 
 class TrackingConfig(_Section):
@@ -131,6 +146,8 @@ class Config(_Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    noise: NoiseConfig = NoiseConfig()
+    kernel: KernelConfig = KernelConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 

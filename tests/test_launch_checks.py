@@ -28,3 +28,17 @@ def test_seq_len_above_model_positions(tmp_path):
     cfg = tiny_config(tmp_path, "data.seq_len=512")
     with pytest.raises(ConfigError, match=r"data.seq_len: 512 is above the model's maximum of 256"):
         check_against_model(cfg, materialize_model(cfg.model))
+
+
+def test_triton_backend_without_gpus_and_bad_resume_path_are_named(tmp_path):
+    from pipeline.train.launch import check_kernel, check_resume_checkpoint
+
+    with pytest.raises(ConfigError, match=r"kernel.backend: 'triton' runs on GPUs"):
+        check_kernel(tiny_config(tmp_path, "kernel.backend=triton"))
+    check_kernel(tiny_config(tmp_path, "kernel.backend=triton", "train.use_gpu=true"))
+    with pytest.raises(ConfigError, match=r"train.resume_from: .* is not a pipeline checkpoint directory"):
+        check_resume_checkpoint(tiny_config(tmp_path, f"train.resume_from={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"kernel.backend: Input should be 'auto', 'triton' or 'torch'"):
+        tiny_config(tmp_path, "kernel.backend=cuda")
+    with pytest.raises(ConfigError, match=r"noise.sigma: Input should be greater than or equal to 0"):
+        tiny_config(tmp_path, "noise.sigma=-0.1")

@@ -1,4 +1,7 @@
-"""Model loading: every source (HF dir, hub id, GGUF, tiny config) becomes a plain HF directory."""
+"""Model loading: every source (HF dir, hub id, GGUF, tiny config) becomes a plain HF directory.
+
+`patch_norms` then swaps a loaded model's block and final norms for fused, noise-aware ones.
+"""
 
 from pipeline.models.load import (
     hf_dir_fingerprint,
@@ -7,5 +10,7 @@ from pipeline.models.load import (
     materialize_model,
     max_positions,
 )
+from pipeline.models.patch import FusedNorm, NormPatchReport, patch_norms, patch_norms_with_report
 
-__all__ = ["hf_dir_fingerprint", "load_causal_lm", "load_tokenizer", "materialize_model", "max_positions"]
+__all__ = ["FusedNorm", "NormPatchReport", "hf_dir_fingerprint", "load_causal_lm", "load_tokenizer",
+           "materialize_model", "max_positions", "patch_norms", "patch_norms_with_report"]

@@ -1,12 +1,14 @@
 """The tick: one optimizer step, counted the same way on every rank and saved in checkpoints.
 
-Gradient-accumulation micro-steps share their tick. Later features (the noise schedule) key on
-it, so it lives in one object with one way to move it forward.
+Gradient-accumulation micro-steps share their tick. The noise stream is keyed on it, so it lives in
+one object with one way to move it forward, and the ranks check that they agree on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
@@ -29,3 +31,21 @@ class TickClock:
     def load_state_dict(self, state: dict) -> None:
         self.tick = int(state["tick"])
         self.micro_step = int(state.get("micro_step", 0))
+
+
+class TickMismatch(RuntimeError):
+    """Ranks disagree on the tick: their noise streams (and their optimizer steps) have diverged."""
+
+
+def check_ticks_agree(tick: int, device: torch.device) -> None:
+    """A collective: all-reduce (min, max) of the tick over ranks, and name every rank's tick if they differ."""
+    import torch.distributed as dist
+
+    bounds = torch.tensor([tick, -tick], dtype=torch.int64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
+    low, high = int(bounds[0]), -int(bounds[1])
+    if low != high:
+        ticks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(ticks, tick)
+        listing = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(ticks))
+        raise TickMismatch(f"ranks disagree on the tick (min {low}, max {high}): {listing}")

@@ -79,6 +79,17 @@ def check_against_model(cfg: Config, model_ref: str) -> None:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is above the model's maximum of {limit} positions")
 
 
+def check_kernel(cfg: Config) -> None:
+    if cfg.kernel.backend == "triton" and not cfg.train.use_gpu:
+        raise ConfigError("kernel.backend: 'triton' runs on GPUs and train.use_gpu is false; use 'auto' or 'torch'")
+
+
+def check_resume_checkpoint(cfg: Config) -> None:
+    path = cfg.train.resume_from
+    if path is not None and not Path(path, "pipeline_tag").is_file():
+        raise ConfigError(f"train.resume_from: {path} is not a pipeline checkpoint directory (no pipeline_tag file)")
+
+
 def check_against_data(cfg: Config, data: PreparedData) -> None:
     t = cfg.train
     if data.blocks("train") < t.global_batch_size:
@@ -91,6 +102,8 @@ def check_against_data(cfg: Config, data: PreparedData) -> None:
 
 def prepare(cfg: Config) -> tuple[str, PreparedData]:
     """Model first (the tokenizer defines the tokens), then the packed data cache."""
+    check_kernel(cfg)
+    check_resume_checkpoint(cfg)
     model_ref = materialize_model(cfg.model)
     check_against_model(cfg, model_ref)
     ensure_ray(cfg.ray)

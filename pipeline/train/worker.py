@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, NoiseConfig
+from pipeline.noise import NoiseContext, noise_context, sigma_at
 from pipeline.tracking import NullTracker, RunTarget, Tracker
-from pipeline.train.clock import TickClock
+from pipeline.train.clock import TickClock, check_ticks_agree
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 
 CHECKPOINT_TAG = "tick-{tick:06d}"
@@ -38,7 +39,7 @@ def train_worker(plan: WorkerPlan) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.models import load_causal_lm
+    from pipeline.models import load_causal_lm, patch_norms_with_report
 
     cfg = plan.config.train
     context = ray.train.get_context()
@@ -49,6 +50,7 @@ def train_worker(plan: WorkerPlan) -> None:
 
     model = load_causal_lm(plan.model_ref)
     model.config.use_cache = False
+    norms = patch_norms_with_report(model, backend=plan.config.kernel.backend)  # before ZeRO partitions weights
     schedule = lr_multiplier(cfg, cfg.max_ticks)
     optimizer = None if cfg.use_gpu else torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -58,7 +60,10 @@ def train_worker(plan: WorkerPlan) -> None:
 
     clock = TickClock()
     first_eval = None
+    # Ray's own checkpoint (a restart after a failure) wins over the one the user resumes from.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and cfg.resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
     if checkpoint:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory)
@@ -67,6 +72,9 @@ def train_worker(plan: WorkerPlan) -> None:
 
     tracker = Tracker(plan.run) if rank == 0 and plan.run else NullTracker()
     say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"[pipeline] fused norms: {norms.summary()}")
+    tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
+                        "norms.blocks": norms.blocks})
     eval_shard = ray.train.get_dataset_shard("eval")
     batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size, cfg.grad_accum * clock.tick)
 
@@ -84,17 +92,22 @@ def train_worker(plan: WorkerPlan) -> None:
     # DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only; at stage 0 with
     # a plain torch optimizer it reports None, so there we measure the same thing ourselves.
     measure_grad_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    engine.train()  # from_pretrained leaves the model in eval mode (no dropout, no noise); a resume skips eval
     while clock.tick < cfg.max_ticks:
         started = time.perf_counter()
         losses = []
         data_wait = 0.0
         lr = scheduler.get_last_lr()[0]  # the rate this tick's optimizer step uses
+        sigma = sigma_at(plan.config.noise.sigma, plan.config.noise.decay, clock.tick)
         for micro in range(cfg.grad_accum):
             fetch_started = time.perf_counter()
-            input_ids = next(batches)["input_ids"].to(device=device, dtype=torch.long)
+            batch = next(batches)
+            input_ids = batch["input_ids"].to(device=device, dtype=torch.long)
             data_wait += time.perf_counter() - fetch_started
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
-            engine.backward(loss)
+            # The backward pass stays inside the context: activation recomputation must see the same noise.
+            with noise_context(_noise_context(plan.config.noise, sigma, clock.tick, batch["sample_id"], device)):
+                loss = engine(input_ids=input_ids, labels=input_ids).loss
+                engine.backward(loss)
             if measure_grad_norm and micro == cfg.grad_accum - 1:
                 grad_norm = _grad_norm(engine.module)  # averaged over ranks, before clipping
             engine.step()
@@ -109,6 +122,7 @@ def train_worker(plan: WorkerPlan) -> None:
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_tick / (time.perf_counter() - started),
             "data_wait_s": data_wait,  # time this rank waited for input: high means input-bound
+            "noise_sigma": sigma,
             "tick": clock.tick,
         }
         last_tick = clock.tick == cfg.max_ticks
@@ -116,10 +130,19 @@ def train_worker(plan: WorkerPlan) -> None:
         if evaluated:
             metrics.update(evaluate())
         if clock.tick % cfg.log_every == 0 or evaluated:
+            check_ticks_agree(clock.tick, device)
             tracker.log_metrics(metrics, step=clock.tick)
             say(_progress_line(metrics, cfg.max_ticks))
         if (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick:
             _save_and_report(engine, clock, first_eval, metrics)
+
+
+def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,
+                   device: torch.device) -> NoiseContext | None:
+    if sigma == 0.0:
+        return None
+    return NoiseContext(sigma=sigma, seed=noise.seed, tick=tick,
+                        sample_ids=sample_ids.to(device=device, dtype=torch.int64))
 
 
 def _micro_batches(shard, micro_batch_size: int, skip: int):
@@ -146,7 +169,7 @@ def _evaluate(engine, eval_shard, micro_batch_size: int, device) -> float:
 
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), noise_context(None):  # evaluation is always noise-free
         for batch in eval_shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True):
             input_ids = batch["input_ids"].to(device=device, dtype=torch.long)
             predicted = input_ids.numel() - input_ids.shape[0]  # the first token of each row has no target
