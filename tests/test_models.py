@@ -72,3 +72,13 @@ def test_gguf_converts_to_an_equivalent_safetensors_dir():
     ids = tokenizer("The State of the Union is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+    # The real model's RMSNorms (30 blocks x 2 + the final norm) fuse without changing its logits,
+    # to 1e-5 relative to their scale: 61 norms summing in a different order move the last bits.
+    from pipeline.models import patch_norms_with_report
+
+    report = patch_norms_with_report(converted)
+    assert (report.replaced, report.in_blocks, report.blocks, report.final) == (61, 60, 30, 1)
+    with torch.no_grad():
+        fused, plain = converted(ids).logits, reference(ids).logits
+    assert (fused - plain).abs().max() <= 1e-5 * plain.abs().max()
