@@ -52,6 +52,16 @@ def runs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="take the tracking store and experiment from this config")
     parser.add_argument("--experiment", "-e", help="experiment name (default: the config's, or 'finetune')")
     parser.add_argument("--limit", "-n", type=int, default=20)
+    parser.add_argument("--sweep", metavar="ID", help="list the trials of one sweep (parent run id or a prefix), "
+                                                      "best eval loss first")
+
+
+def tune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file with a sweep section (see configs/sweep-*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. sweep.num_samples=8 train.max_ticks=20")
+    parser.add_argument("--resume", metavar="SWEEP_DIR",
+                        help="continue an interrupted sweep from its directory (printed when it stopped)")
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -84,13 +94,38 @@ def train_command(args: argparse.Namespace) -> int:
 
 @command("runs", "list recent MLflow runs", runs_arguments)
 def runs_command(args: argparse.Namespace) -> int:
-    from pipeline.tracking import format_runs, recent_runs, tracking_uri
+    from pipeline.tracking import RunTarget, format_runs, recent_runs, tracking_uri
 
     tracking = load_config(args.config).tracking if args.config else TrackingConfig()
     uri, experiment = tracking_uri(tracking.uri), args.experiment or tracking.experiment
+    if args.sweep:
+        from pipeline.tracking.sweeps import resolve_sweep_id
+        from pipeline.tune.summary import collect_trials, format_table
+
+        try:
+            parent = resolve_sweep_id(uri, args.sweep)
+        except ValueError as exc:
+            raise ConfigError(f"--sweep: {exc}") from None
+        print(f"trials of sweep {parent} in {uri}")
+        print(format_table(collect_trials(RunTarget(uri, parent))))
+        return 0
     print(f"runs of experiment '{experiment}' in {uri}")
     print(format_runs(recent_runs(uri, experiment, args.limit)))
     return 0
+
+
+@command("tune", "sweep noise sigma and learning rate (any config paths) with Ray Tune; record it in MLflow",
+         tune_arguments)
+def tune_command(args: argparse.Namespace) -> int:
+    from pipeline.tune import run_sweep
+
+    if bool(args.config) == bool(args.resume):
+        raise ConfigError("tune: give either --config (a new sweep) or --resume SWEEP_DIR (continue one)")
+    if args.resume and args.overrides:
+        raise ConfigError("tune --resume: overrides cannot change a sweep that has started")
+    outcome = run_sweep(load(args)) if args.config else run_sweep(resume=Path(args.resume))
+    print(outcome.summary())
+    return 130 if outcome.interrupted else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

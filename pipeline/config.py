@@ -142,12 +142,55 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1)
 
 
+class SearchDimension(_Section):
+    """How one config path is searched. `with_zero` also tries exactly 0 (e.g. σ = 0: no noise)."""
+
+    type: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    with_zero: bool = False
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "SearchDimension":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("values must list at least one option for type 'choice'")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"low < high must be given for type '{self.type}'")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("low must be > 0 for type 'loguniform' (use with_zero to also try 0)")
+        return self
+
+
+class SchedulerConfig(_Section):
+    """ASHA on eval loss; rungs are counted in ticks and end at train.max_ticks."""
+
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+
+
+class SweepConfig(_Section):
+    """`pipeline tune`: Ray Tune over any config paths (default: noise.sigma with 0, and train.lr)."""
+
+    name: str | None = None  # default: <experiment>-sweep-<time>
+    space: dict[str, SearchDimension] = {}  # empty: the default space over noise.sigma and train.lr
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    search: Literal["optuna", "random"] = "optuna"
+    seed: int = 0
+    scheduler: SchedulerConfig = SchedulerConfig()
+    register_model: str | None = None  # Model Registry name; default <experiment>-best
+    storage_dir: str = "outputs/sweeps"
+
+
 class Config(_Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
     noise: NoiseConfig = NoiseConfig()
     kernel: KernelConfig = KernelConfig()
+    sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
@@ -157,15 +200,34 @@ class Config(_Section):
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML file, apply `a.b=value` overrides, validate. Raises ConfigError naming the field."""
+    return _validate(apply_overrides(_read_yaml(Path(path)), overrides or []))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config mapping; `extends: other.yaml` (relative to this file) is read first and overlaid."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return _validate(apply_overrides(raw, overrides or []))
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"extends: {path} extends itself through {base_path}")
+    return _overlay(_read_yaml(base_path, (*seen, path.resolve())), raw)
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    merged = _deep_copy(base)
+    for key, value in top.items():
+        merged[key] = _overlay(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else _deep_copy(value)
+    return merged
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -216,7 +278,8 @@ def location_overrides(root: str | os.PathLike) -> list[str]:
     (tests, benchmarks, throw-away experiments)."""
     root = Path(root)
     return [f"model.cache_dir={root / 'models'}", f"data.cache_dir={root / 'data'}",
-            f"train.output_dir={root / 'outputs'}", f"tracking.uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
+            f"train.output_dir={root / 'outputs'}", f"sweep.storage_dir={root / 'sweeps'}",
+            f"tracking.uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

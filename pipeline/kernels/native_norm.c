@@ -47,6 +47,20 @@ static void philox_normals(uint64_t key, uint64_t first_offset, int64_t count, f
     }
 }
 
+/* One chunk of a row, from `start`: x̂ and x̂ + σ·ε (the same values when σ = 0). Returns its length. */
+static int64_t normalized_chunk(const float *xr, float mean, float rstd, float sigma, uint64_t key, int64_t row_id,
+                                int64_t n, int64_t start, float *xhat, float *noisy) {
+    int64_t count = n - start < CHUNK ? n - start : CHUNK;
+    for (int64_t i = 0; i < count; i++) xhat[i] = (xr[start + i] - mean) * rstd;
+    if (sigma == 0.0f) {
+        memcpy(noisy, xhat, count * sizeof(float));
+        return count;
+    }
+    philox_normals(key, (uint64_t)(row_id * n + start), count, noisy);
+    for (int64_t i = 0; i < count; i++) noisy[i] = xhat[i] + sigma * noisy[i];
+    return count;
+}
+
 void philox_normal_rows(uint64_t key, const int64_t *row_ids, int64_t rows, int64_t n, float *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++)
@@ -61,7 +75,7 @@ void norm_forward(const float *x, int64_t stride_x, const float *w, const float 
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * stride_x;
         float *yr = y + r * n;
-        float noise[CHUNK];
+        float xhat[CHUNK], noisy[CHUNK];
         float sum = 0.0f, squares = 0.0f;
         if (!is_rms)
             for (int64_t c = 0; c < n; c++) sum += xr[c];
@@ -72,13 +86,10 @@ void norm_forward(const float *x, int64_t stride_x, const float *w, const float 
         }
         float rstd = 1.0f / sqrtf(squares / n + eps);
         for (int64_t start = 0; start < n; start += CHUNK) {
-            int64_t count = n - start < CHUNK ? n - start : CHUNK;
-            if (sigma != 0.0f) philox_normals(key, (uint64_t)(row_ids[r] * n + start), count, noise);
+            int64_t count = normalized_chunk(xr, mean, rstd, sigma, key, row_ids[r], n, start, xhat, noisy);
             for (int64_t i = 0; i < count; i++) {
                 int64_t c = start + i;
-                float xhat = (xr[c] - mean) * rstd;
-                if (sigma != 0.0f) xhat += sigma * noise[i];
-                float out = xhat * (w[c] + w_offset);
+                float out = noisy[i] * (w[c] + w_offset);
                 yr[c] = b ? out + b[c] : out;
             }
         }
@@ -97,7 +108,7 @@ void norm_backward(const float *dy, int64_t stride_dy, const float *x, int64_t s
     for (int64_t block = 0; block < blocks; block++) {
         float *pw = partial_w + block * n;
         float *pb = partial_b ? partial_b + block * n : 0;
-        float noise[CHUNK];
+        float xhat[CHUNK], noisy[CHUNK];
         memset(pw, 0, n * sizeof(float));
         if (pb) memset(pb, 0, n * sizeof(float));
         int64_t end = (block + 1) * ROWS_PER_BLOCK < rows ? (block + 1) * ROWS_PER_BLOCK : rows;
@@ -113,14 +124,12 @@ void norm_backward(const float *dy, int64_t stride_dy, const float *x, int64_t s
             }
             float c1 = dot / n, c2 = is_rms ? 0.0f : total / n;
             for (int64_t start = 0; start < n; start += CHUNK) {
-                int64_t count = n - start < CHUNK ? n - start : CHUNK;
-                if (sigma != 0.0f) philox_normals(key, (uint64_t)(row_ids[r] * n + start), count, noise);
+                int64_t count = normalized_chunk(xr, mean, rstd, sigma, key, row_ids[r], n, start, xhat, noisy);
                 for (int64_t i = 0; i < count; i++) {
                     int64_t c = start + i;
-                    float xhat = (xr[c] - mean) * rstd;
                     float wdy = dyr[c] * (w[c] + w_offset);
-                    dxr[c] = (wdy - xhat * c1 - c2) * rstd;
-                    pw[c] += dyr[c] * (sigma != 0.0f ? xhat + sigma * noise[i] : xhat);
+                    dxr[c] = (wdy - xhat[i] * c1 - c2) * rstd;
+                    pw[c] += dyr[c] * noisy[i];
                     if (pb) pb[c] += dyr[c];
                 }
             }

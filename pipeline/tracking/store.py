@@ -6,11 +6,13 @@ metrics into it through `Tracker`, and the driver closes it (model, final status
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.config import Config, flatten, to_yaml
 
@@ -123,6 +125,24 @@ def end_run(tracker: Tracker, status: str) -> None:
     tracker.client.set_terminated(tracker.target.run_id, status=status)
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow's fluent API at `uri`, then back. mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI, which every later subprocess (a sweep, a job) would silently inherit."""
+    import mlflow
+
+    saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
 def log_hf_model(tracker: Tracker, model_dir: Path, max_new_tokens: int) -> str:
     """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it."""
     import mlflow
@@ -132,8 +152,7 @@ def log_hf_model(tracker: Tracker, model_dir: Path, max_new_tokens: int) -> str:
     # which is not installed (and not needed) here.
     requirements = [f"transformers=={transformers.__version__}", "torch", "accelerate", "tokenizers"]
     pipe = transformers.pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir))
-    mlflow.set_tracking_uri(tracker.target.uri)
-    with mlflow.start_run(run_id=tracker.target.run_id):
+    with using_tracking_uri(tracker.target.uri), mlflow.start_run(run_id=tracker.target.run_id):
         info = mlflow.transformers.log_model(
             transformers_model=pipe, name="model", task="text-generation", pip_requirements=requirements,
             model_config={"max_new_tokens": max_new_tokens})
@@ -143,6 +162,6 @@ def log_hf_model(tracker: Tracker, model_dir: Path, max_new_tokens: int) -> str:
 def load_pyfunc(model_uri: str, uri: str):
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    with using_tracking_uri(uri):
+        return mlflow.pyfunc.load_model(model_uri)
 

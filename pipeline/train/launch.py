@@ -127,9 +127,9 @@ def run_training(cfg: Config) -> TrainOutcome:
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"
     status = "FAILED"
     try:
-        result = _fit(cfg, model_ref, data, tracker.target, run_key)
+        result = fit(cfg, model_ref, data, tracker.target, run_key, Path(cfg.train.output_dir).resolve() / "ray")
         checkpoint_dir = Path(result.checkpoint.path)
-        model_dir = _export(checkpoint_dir, model_ref, Path(cfg.train.output_dir).resolve() / run_key / "model")
+        model_dir = export_model(checkpoint_dir, model_ref, Path(cfg.train.output_dir).resolve() / run_key / "model")
         model_uri = (tracking.log_hf_model(tracker, model_dir, cfg.tracking.max_new_tokens)
                      if cfg.tracking.log_model else None)
         status = "FINISHED"
@@ -143,7 +143,9 @@ def run_training(cfg: Config) -> TrainOutcome:
         tracking.end_run(tracker, status)
 
 
-def _fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str):
+def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_path: Path,
+        callbacks: list | None = None):
+    """Run the TorchTrainer; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -164,9 +166,10 @@ def _fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=storage_name,
-            storage_path=str(Path(t.output_dir).resolve() / "ray"),
+            storage_path=str(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),
+            callbacks=callbacks or [],
         ),
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
@@ -177,7 +180,7 @@ def _fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str
         raise TrainingFailed(describe_failure(error)) from error
 
 
-def _export(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
+def export_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
     from pipeline.train.export import export_hf_model
 
     started = time.perf_counter()

@@ -133,8 +133,9 @@ def train_worker(plan: WorkerPlan) -> None:
             check_ticks_agree(clock.tick, device)
             tracker.log_metrics(metrics, step=clock.tick)
             say(_progress_line(metrics, cfg.max_ticks))
-        if (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick:
-            _save_and_report(engine, clock, first_eval, metrics)
+        checkpoint_due = (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick
+        if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
+            _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due)
 
 
 def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,
@@ -188,10 +189,13 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return float(value) / world
 
 
-def _save_and_report(engine, clock: TickClock, first_eval: dict, metrics: dict) -> None:
+def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_checkpoint: bool) -> None:
     import ray.train
 
     report = {**metrics, **{f"{k}_start": v for k, v in first_eval.items()}}
+    if not with_checkpoint:
+        ray.train.report(report)
+        return
     tag = CHECKPOINT_TAG.format(tick=clock.tick)
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         engine.save_checkpoint(directory, tag=tag,

@@ -1,0 +1,218 @@
+"""`pipeline tune`: a Ray Tune sweep over config paths, recorded in MLflow as one parent run.
+
+    prepare once (model + packed data, fingerprint cache) -> parent run -> Tuner(run_trial per trial,
+    Optuna TPE or random, ASHA on eval loss by tick) -> trials table, CSV, plots, σ>0 vs σ=0 ->
+    best trial's model exported, logged and registered
+
+The experiment directory (`sweep.storage_dir/<name>`) keeps Tune's state plus `sweep.json` (the
+parent run) and `sweep-config.yaml`, so `pipeline tune --resume DIR` continues an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config, to_yaml
+from pipeline.tracking import RunTarget, Tracker
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "sweep.json"
+CONFIG_FILE = "sweep-config.yaml"
+TRIAL_CPUS = 0.01  # the driver function only waits on its TorchTrainer; 0 is refused by Tune
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    parent_run_id: str
+    experiment_dir: Path
+    interrupted: bool
+    table: str = ""
+    verdict: str = ""
+    registered: str | None = None
+
+    def summary(self) -> str:
+        if self.interrupted:
+            return (f"sweep interrupted; its finished trials are kept.\n"
+                    f"  continue: pipeline tune --resume {self.experiment_dir}")
+        lines = [self.table, "", self.verdict, f"MLflow parent run {self.parent_run_id}",
+                 f"  trials:  pipeline runs --sweep {self.parent_run_id[:8]}"]
+        if self.registered:
+            lines.append(f"  best model: mlflow.pyfunc.load_model('{self.registered}')")
+        return "\n".join(lines)
+
+
+def check_sweep(cfg: Config) -> None:
+    from pipeline.tune.space import check_space
+
+    check_space(cfg)
+    train = cfg.train
+    if train.eval_every == 0:
+        raise ConfigError("train.eval_every: a sweep needs evaluations during training for ASHA; set it, "
+                          f"e.g. to sweep.scheduler.grace_period ({cfg.sweep.scheduler.grace_period})")
+    if train.checkpoint_every % train.eval_every:
+        raise ConfigError(f"train.checkpoint_every: in a sweep it must be a multiple of train.eval_every "
+                          f"({train.eval_every}): every result Tune sees must carry an eval loss")
+
+
+def run_sweep(cfg: Config | None = None, resume: Path | None = None) -> SweepOutcome:
+    """Run (or, with `resume`, continue) a sweep; returns what it found."""
+    from pipeline import tracking
+    from pipeline.train.launch import check_against_data, prepare
+
+    if resume is not None:
+        cfg, state = _load_state(resume)
+    check_sweep(cfg)
+    model_ref, data = prepare(cfg)  # once for every trial: trials read the same packed cache
+    print(data.summary(), flush=True)
+    check_against_data(cfg, data)
+    if resume is None:
+        name = cfg.sweep.name or f"{cfg.tracking.experiment}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+        experiment_dir = Path(cfg.sweep.storage_dir).resolve() / name
+        parent = tracking.start_run(cfg, name, tags={"pipeline.role": "sweep"})
+        _save_state(experiment_dir, cfg, parent.target)
+    else:
+        experiment_dir = resume.resolve()
+        parent = _reopen(RunTarget(state["tracking_uri"], state["parent_run_id"]))
+    results = None
+    try:
+        results = _tuner(cfg, model_ref, data, parent.target, experiment_dir, resume is not None).fit()
+    finally:
+        from pipeline.tracking.sweeps import close_running_children
+
+        # Ctrl-C makes Tune save its state and return early. Trials it cut short still have RUNNING
+        # runs (ended ones were closed by TrialRunStatus), or are pending with no result at all.
+        cut_short = close_running_children(parent.target)
+        interrupted = results is None or bool(cut_short) or len(results) < cfg.sweep.num_samples or any(
+            "tick" not in (result.metrics or {}) and result.error is None for result in results)
+        if interrupted:
+            tracking.end_run(parent, "KILLED")
+    if interrupted:
+        return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=True)
+    try:
+        outcome = _summarize(cfg, model_ref, parent, experiment_dir, results)
+    except BaseException:
+        tracking.end_run(parent, "FAILED")
+        raise
+    tracking.end_run(parent, "FINISHED")
+    return outcome
+
+
+def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir: Path, resume: bool):
+    from ray import tune
+
+    from pipeline.tune.trial import TrialPlan, TrialRunStatus, run_trial
+
+    plan = TrialPlan(config=cfg, model_ref=model_ref, data=data, parent=parent,
+                     trials_dir=experiment_dir.parent / f"{experiment_dir.name}-trials")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
+    if resume:
+        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    param_space, first_points = _space(cfg)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(metric="eval_loss", mode="min", search_alg=_searcher(cfg, first_points),
+                                    scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
+                                    max_concurrent_trials=cfg.sweep.max_concurrent_trials),
+        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
+                                  callbacks=[TrialRunStatus(parent)]),
+    )
+
+
+def _space(cfg: Config):
+    from pipeline.tune.space import effective_space, tune_space
+
+    return tune_space(effective_space(cfg))
+
+
+def _searcher(cfg: Config, first_points: list[dict]):
+    from ray.tune.search import BasicVariantGenerator
+
+    if cfg.sweep.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(points_to_evaluate=first_points, seed=cfg.sweep.seed)
+        except ImportError as error:  # optuna is a dependency, but a trimmed install may lack it
+            warnings.warn(f"sweep.search: optuna unavailable ({error}); falling back to random search")
+    return BasicVariantGenerator(points_to_evaluate=first_points, random_state=cfg.sweep.seed)
+
+
+def _scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler
+
+    # stop_last_trials=False: otherwise ASHA "stops" every trial at max_t, and a trial that ran to
+    # its end would look stopped early (and its driver would never get to report completion).
+    return ASHAScheduler(time_attr="tick", grace_period=cfg.sweep.scheduler.grace_period,
+                         max_t=cfg.train.max_ticks, reduction_factor=cfg.sweep.scheduler.reduction_factor,
+                         stop_last_trials=False)
+
+
+def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: Path, results) -> SweepOutcome:
+    from pipeline.tracking.sweeps import log_artifact
+    from pipeline.tune.summary import collect_trials, format_table, verdict, write_csv, write_plots
+
+    trials = collect_trials(parent.target)
+    result = verdict(trials)
+    report_dir = experiment_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for path in [write_csv(trials, report_dir / "trials.csv"), *write_plots(trials, report_dir)]:
+        log_artifact(parent, path)
+    best = result.best
+    parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma, "best.train.lr": best.lr})
+    metrics = {"best_eval_loss": best.eval_loss, "trials": len(trials)}
+    if result.noise_gain is not None:
+        metrics.update(sigma_zero_eval_loss=result.zero.eval_loss,
+                       best_noisy_eval_loss=result.best_noisy.eval_loss, noise_gain=result.noise_gain)
+    parent.log_metrics(metrics, step=0)
+    parent.log_text(result.sentence() + "\n", "verdict.txt")
+    checkpoints = {r.metrics.get("trial_id"): r.metrics.get("checkpoint_path") for r in results if r.metrics}
+    registered = _register_best(cfg, model_ref, parent, best, checkpoints.get(best.trial_id), experiment_dir)
+    return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=False, table=format_table(trials),
+                        verdict=result.sentence(), registered=registered)
+
+
+def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoint: str | None,
+                   experiment_dir: Path) -> str | None:
+    """Export the best trial's final checkpoint (reported by its driver), log it to its run, register it."""
+    from pipeline.tracking import log_hf_model
+    from pipeline.tracking.sweeps import register_model
+    from pipeline.train.launch import export_model
+
+    if checkpoint is None or not cfg.tracking.log_model:
+        return None
+    model_dir = export_model(Path(checkpoint), model_ref, experiment_dir / "best-model")
+    best_run = Tracker(RunTarget(parent.target.uri, best.run_id))
+    model_uri = log_hf_model(best_run, model_dir, cfg.tracking.max_new_tokens)
+    name = cfg.sweep.register_model or f"{cfg.tracking.experiment}-best"
+    version = register_model(model_uri, name, {"sweep_id": parent.target.run_id, "noise.sigma": str(best.sigma),
+                                               "train.lr": str(best.lr), "trial_id": best.trial_id},
+                             parent.target.uri)
+    parent.set_tags({"registered_model": f"models:/{name}/{version}"})
+    return f"models:/{name}/{version}"
+
+
+def _save_state(experiment_dir: Path, cfg: Config, parent: RunTarget) -> None:
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    (experiment_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent.run_id,
+                                                        "tracking_uri": parent.uri}))
+
+
+def _load_state(experiment_dir: Path) -> tuple[Config, dict]:
+    state_file = experiment_dir / STATE_FILE
+    if not state_file.is_file():
+        raise ConfigError(f"--resume: {experiment_dir} is not a sweep directory (no {STATE_FILE})")
+    return load_config(experiment_dir / CONFIG_FILE), json.loads(state_file.read_text())
+
+
+def _reopen(target: RunTarget) -> Tracker:
+    from pipeline.tracking.sweeps import reopen_run
+
+    return reopen_run(target)

@@ -1,0 +1,69 @@
+"""One Tune trial: a driver function that runs a whole TorchTrainer with the trial's parameters.
+
+Ray Train V2 cannot be handed to a Tuner directly; a function per trial builds and fits the
+TorchTrainer, whose rank 0 reports reach Tune through `TuneReportCallback` (eval loss by tick, for
+ASHA). The trial logs into its own MLflow child run. When ASHA stops a trial this function is simply
+killed, so run statuses are set by `TrialRunStatus`, in the process that runs the sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipeline.config import Config
+from pipeline.data import PreparedData
+from pipeline.tracking import RunTarget
+from pipeline.tracking.sweeps import set_status, start_trial_run, trial_run
+from pipeline.tune.space import trial_overrides
+
+COMPLETED = "driver_completed"  # in the last result of a trial that ran to its end
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial shares, resolved once by the sweep: config, model, packed data, parent run."""
+
+    config: Config
+    model_ref: str
+    data: PreparedData
+    parent: RunTarget
+    trials_dir: Path
+
+
+def run_trial(params: dict, plan: TrialPlan) -> None:
+    from pipeline.train.launch import fit
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = plan.config.with_overrides(trial_overrides(params))
+    tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}")
+    # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
+    # its own checkpoints there and continues from them.
+    result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
+                 callbacks=[TuneReportCallback()])
+    tune.report({**(result.metrics or {}), COMPLETED: True, "checkpoint_path": result.checkpoint.path,
+                 "mlflow_run_id": tracker.target.run_id})
+
+
+class TrialRunStatus(tune.Callback):
+    """Closes each trial's child run: FINISHED, KILLED (stopped early by ASHA) or FAILED.
+
+    Module level on purpose: Tune pickles callbacks into the experiment state for `--resume`.
+    """
+
+    def __init__(self, parent: RunTarget):
+        self.parent = parent
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        target = trial_run(self.parent, trial.trial_id)
+        if target is not None:
+            completed = bool((trial.last_result or {}).get(COMPLETED))
+            set_status(target, "FINISHED" if completed else "KILLED", None if completed else "asha")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        target = trial_run(self.parent, trial.trial_id)
+        if target is not None:
+            set_status(target, "FAILED")
