@@ -163,3 +163,18 @@ def _ended_trials(uri: str) -> int:
         return 0
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'trial'")
     return sum(run.info.status in ("FINISHED", "KILLED") for run in runs)
+
+
+@pytest.mark.slow
+def test_runs_sweep_lists_the_trials_best_first(sweep, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    cfg, outcome = sweep
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    assert main(["runs", "--sweep", outcome.parent_run_id[:8]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[3:] if line.strip()]
+    assert len(rows) == cfg.sweep.num_samples
+    losses = [float(row[-1]) for row in rows]
+    assert losses == sorted(losses)
+    assert main(["runs", "--sweep", "zzzz"]) == 2  # an unknown sweep is a one-line error
