@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from pipeline import runtime  # noqa: F401  (sets Ray's logging environment before Ray is imported)
-from pipeline.config import Config, ConfigError, TrackingConfig, load_config
+from pipeline.config import Config, ConfigError, TrackingConfig, anchor_paths, load_config
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -70,7 +71,12 @@ def load(args: argparse.Namespace) -> Config:
         overrides.append(f"train.max_ticks={args.debug_steps}")
     if getattr(args, "resume", None):
         overrides.append(f"train.resume_from={Path(args.resume).resolve()}")
-    return load_config(args.config, overrides)
+    work_dir = os.environ.get("PIPELINE_WORK_DIR")  # set by job specs: storage every node shares
+    cfg = anchor_paths(load_config(args.config, overrides), Path.cwd(), Path(work_dir) if work_dir else None)
+    if work_dir:  # in a Ray job: leave the temporary working directory, which Ray may delete
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        os.chdir(work_dir)
+    return cfg
 
 
 @command("prepare", "tokenize and pack the corpus into the parquet cache", config_arguments)
@@ -128,6 +134,71 @@ def tune_command(args: argparse.Namespace) -> int:
     return 130 if outcome.interrupted else 0
 
 
+def address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the cluster's job API, http://HOST:8265 (default: $RAY_ADDRESS)")
+
+
+def submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="a job spec, e.g. jobs/tiny.yaml")
+    address_argument(parser)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides for the job")
+    parser.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+
+
+@command("submit", "submit a job spec to a Ray cluster, stream its logs, exit 0 only if it succeeds",
+         submit_arguments)
+def submit_command(args: argparse.Namespace) -> int:
+    from pipeline.jobs.submit import submit
+
+    job_id, code = submit(Path(args.spec), args.address, args.overrides, wait=not args.no_wait)
+    if args.no_wait:
+        print(job_id)
+    return code
+
+
+def jobs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "status", "logs", "stop"])
+    parser.add_argument("job_id", nargs="?", help="the job (all but list)")
+    address_argument(parser)
+
+
+@command("jobs", "list the cluster's jobs, or show the status or logs of one, or stop it", jobs_arguments)
+def jobs_command(args: argparse.Namespace) -> int:
+    from pipeline.jobs import submit as jobs
+
+    if args.action == "list":
+        print(jobs.list_jobs(args.address))
+        return 0
+    if not args.job_id:
+        raise ConfigError(f"jobs {args.action}: give the job id")
+    action = {"status": jobs.job_status, "logs": jobs.job_logs, "stop": jobs.stop_job}[args.action]
+    print(action(args.address, args.job_id))
+    return 0
+
+
+def cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--run-dir", default=".cache/pipeline/cluster", help="where PIDs and logs are kept")
+    parser.add_argument("--cpus-per-node", type=_positive_int, default=2)
+
+
+@command("cluster", "a local development cluster on this machine: a head and one worker node", cluster_arguments)
+def cluster_command(args: argparse.Namespace) -> int:
+    from pipeline.jobs import cluster
+
+    run_dir = Path(args.run_dir)
+    if args.action == "up":
+        state = cluster.up(run_dir, args.cpus_per_node)
+        print(f"local cluster up: head pid {state.head_pid}, worker pid {state.worker_pid}\n"
+              f"  submit with: pipeline submit jobs/tiny.yaml --address {state.address}")
+    elif args.action == "down":
+        stopped = cluster.down(run_dir)
+        print(f"stopped pids {stopped}" if stopped else "no local cluster was running")
+    else:
+        print(cluster.status(run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -140,7 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Dotted overrides may also follow options (`submit SPEC --address URL train.lr=1e-3`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -149,8 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from pipeline.jobs import ClusterError, JobError
         from pipeline.train import TrainingFailed
 
+        if isinstance(exc, (JobError, ClusterError)):
+            print(f"pipeline: {exc}", file=sys.stderr)
+            return 1
         if not isinstance(exc, TrainingFailed):
             raise
         print(f"pipeline: training failed: {exc} (worker tracebacks are in the log above)", file=sys.stderr)

@@ -260,10 +260,10 @@ def _validate(raw: dict) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("config error: " + "; ".join(_describe(e) for e in exc.errors())) from None
+        raise ConfigError("config error: " + "; ".join(describe_error(e) for e in exc.errors())) from None
 
 
-def _describe(error: dict) -> str:
+def describe_error(error: dict) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -271,6 +271,27 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return f"{field}: required field is missing"
     return f"{field}: {message} (got {error.get('input')!r})"
+
+
+def anchor_paths(cfg: Config, inputs_base: Path, work_dir: Path | None = None) -> Config:
+    """Relative paths made absolute: inputs against `inputs_base` (where the command started), caches,
+    outputs and the default tracking store against `work_dir` (default: the same).
+
+    Why: inside a Ray job the working directory is a temporary copy of the repo, which Ray may delete
+    once it starts (seen with two nodes on one host), and whose contents other nodes never see. Jobs
+    therefore set PIPELINE_WORK_DIR to storage every node shares; relative paths resolved late fail.
+    """
+    work_dir = work_dir or inputs_base
+    outputs = {"model.cache_dir": cfg.model.cache_dir, "data.cache_dir": cfg.data.cache_dir,
+               "train.output_dir": cfg.train.output_dir, "sweep.storage_dir": cfg.sweep.storage_dir}
+    inputs = {"data.path": cfg.data.path, "model.tokenizer_corpus": cfg.model.tokenizer_corpus,
+              "model.path": cfg.model.path if cfg.model.source != "hub" else None}  # a hub id is no path
+    overrides = [f"{key}={base / value}" for locations, base in ((outputs, work_dir), (inputs, inputs_base))
+                 for key, value in locations.items()
+                 if value and not value.startswith(("package:", "~")) and not Path(value).is_absolute()]
+    if cfg.tracking.uri is None:
+        overrides.append(f"tracking.uri=sqlite:///{work_dir / 'mlruns' / 'mlflow.db'}")
+    return cfg.with_overrides(overrides) if overrides else cfg
 
 
 def location_overrides(root: str | os.PathLike) -> list[str]:

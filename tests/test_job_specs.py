@@ -1,0 +1,57 @@
+"""Job specs: every shipped spec is valid and names real configs; uploads and env stay safe."""
+
+import shlex
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.jobs.spec import REQUIRED_EXCLUDES, config_paths, load_job_spec, runtime_env_dict
+
+from conftest import REPO
+
+SPECS = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+def test_the_four_specs_ship():
+    assert {p.stem for p in SPECS} >= {"finetune-cpu", "finetune-gpu", "sweep", "tiny"}
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_spec_is_a_pipeline_command_on_an_existing_config(path):
+    spec = load_job_spec(path)
+    assert shlex.split(spec.entrypoint)[0] == "pipeline"
+    words = shlex.split(spec.entrypoint)
+    for config in config_paths(spec):
+        overrides = [w for w in words[words.index(config) + 1:] if "=" in w]
+        load_config(REPO / config, overrides)  # raises ConfigError naming the field if anything is off
+
+
+def test_gpu_spec_asks_for_8_gpu_workers_bf16_zero3():
+    words = shlex.split(load_job_spec(REPO / "jobs" / "finetune-gpu.yaml").entrypoint)
+    assert {"train.use_gpu=true", "train.num_workers=8", "train.zero_stage=3", "train.precision=bf16"} <= set(words)
+
+
+def test_upload_excludes_are_enforced_and_only_named_env_travels(tmp_path):
+    spec_file = tmp_path / "bare.yaml"
+    spec_file.write_text("entrypoint: pipeline train --config configs/tiny.yaml\n"
+                         "runtime_env: {env_vars: {MLFLOW_TRACKING_URI: '${MLFLOW_TRACKING_URI}', "
+                         "UNSET: '${NOT_SET_ANYWHERE}'}}\n")
+    environ = {"MLFLOW_TRACKING_URI": "http://10.0.0.5:5000", "HF_TOKEN": "secret123", "AWS_SECRET_ACCESS_KEY": "x"}
+    env = runtime_env_dict(load_job_spec(spec_file), REPO, environ)
+    assert env["working_dir"] == str(REPO)
+    for pattern in (".venv/", ".ray/", ".cache/", "mlruns/", "outputs/", "**/checkpoint_*/", ".env", "*.pem"):
+        assert pattern in env["excludes"] and pattern in REQUIRED_EXCLUDES
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://10.0.0.5:5000"}  # no secrets, no unset values
+    assert "secret123" not in repr(env)
+
+
+def test_overrides_are_appended_quoted_and_bad_specs_name_the_field(tmp_path):
+    spec = load_job_spec(REPO / "jobs" / "tiny.yaml", ["train.max_ticks=2", "tracking.run_name=a b"])
+    assert spec.entrypoint.endswith("train.max_ticks=2 'tracking.run_name=a b'")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("entrypoint: rm -rf /\nresources: {entrypoint_num_gpus: -1}\nextra: 1\n")
+    with pytest.raises(ConfigError) as error:
+        load_job_spec(bad)
+    message = str(error.value)
+    assert "entrypoint: must be a pipeline command" in message
+    assert "resources.entrypoint_num_gpus" in message and "extra: unknown field" in message
