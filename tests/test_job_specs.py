@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.jobs.spec import REQUIRED_EXCLUDES, config_paths, load_job_spec, runtime_env_dict
+from pipeline.runtime import QUIET_RAY_ENV
 
 from conftest import REPO
 
@@ -41,7 +42,8 @@ def test_upload_excludes_are_enforced_and_only_named_env_travels(tmp_path):
     assert env["working_dir"] == str(REPO)
     for pattern in (".venv/", ".ray/", ".cache/", "mlruns/", "outputs/", "**/checkpoint_*/", ".env", "*.pem"):
         assert pattern in env["excludes"] and pattern in REQUIRED_EXCLUDES
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://10.0.0.5:5000"}  # no secrets, no unset values
+    named = {k: v for k, v in env["env_vars"].items() if k not in QUIET_RAY_ENV}
+    assert named == {"MLFLOW_TRACKING_URI": "http://10.0.0.5:5000"}  # no secrets, no unset values
     assert "secret123" not in repr(env)
 
 

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.config import ConfigError, describe_error
+from pipeline.runtime import QUIET_RAY_ENV
 
 REQUIRED_EXCLUDES = [
     ".venv/", ".git/", ".ray/", "**/.ray/", ".cache/", "mlruns/", "outputs/", "**/checkpoint_*/",
@@ -90,5 +91,7 @@ def runtime_env_dict(spec: JobSpec, repo_root: Path, environ: dict[str, str] | N
             continue  # unset on this machine: the cluster's own value (or default) applies
         env_vars[name] = _REFERENCE.sub(lambda match: environ[match.group(1)], value)
     excludes = list(dict.fromkeys([*spec.runtime_env.excludes, *REQUIRED_EXCLUDES]))
+    # A job's runtime_env replaces the one `ray.init` asks for inside the job, so the logging settings
+    # that `pipeline.runtime` gives local runs (no duplicated worker lines) travel with the job.
     return {"working_dir": str((repo_root / spec.runtime_env.working_dir).resolve()), "excludes": excludes,
-            "env_vars": env_vars}
+            "env_vars": {**QUIET_RAY_ENV, **env_vars}}

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shlex
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class JobError(RuntimeError):
@@ -128,7 +126,3 @@ def _job_call(address: str | None, method: str, job_id: str):
         return getattr(client, method)(job_id)
     except Exception as error:
         raise JobError(f"job {job_id}: {_explain(error, resolve_address(address))}") from None
-
-
-def quote_overrides(overrides: list[str]) -> str:
-    return " ".join(shlex.quote(item) for item in overrides)
