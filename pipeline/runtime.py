@@ -28,7 +28,9 @@ def ensure_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": dict(QUIET_RAY_ENV)}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        # Joining a cluster: inside a Ray job these variables already come with the job's runtime_env
+        # (pipeline submit adds them), and Ray refuses a driver runtime_env that repeats its keys.
+        ray.init(address=address)
         return
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              logging_level=logging.WARNING, runtime_env=runtime_env)
