@@ -28,9 +28,10 @@ def ensure_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": dict(QUIET_RAY_ENV)}
     if address:
-        # Joining a cluster: inside a Ray job these variables already come with the job's runtime_env
-        # (pipeline submit adds them), and Ray refuses a driver runtime_env that repeats its keys.
-        ray.init(address=address)
+        # Inside a submitted Ray job these variables already come with the job's runtime_env (pipeline
+        # submit adds them), and Ray refuses a driver runtime_env that repeats its keys.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, runtime_env=None if in_job else runtime_env)
         return
     ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              logging_level=logging.WARNING, runtime_env=runtime_env)

@@ -37,8 +37,7 @@ def start_trial_run(cfg: Config, parent: RunTarget, trial_id: str, run_name: str
     """Find the trial's child run (and mark it running again) or create it, nested under the parent."""
     existing = trial_run(parent, trial_id)
     if existing is not None:
-        client_for(existing.uri).update_run(existing.run_id, status="RUNNING")
-        return Tracker(existing)
+        return reopen_run(existing)
     return start_run(cfg, run_name, tags={PARENT_TAG: parent.run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"})
 
 

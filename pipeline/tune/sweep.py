@@ -11,7 +11,6 @@ parent run) and `sweep-config.yaml`, so `pipeline tune --resume DIR` continues a
 from __future__ import annotations
 
 import json
-import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config, to_yaml
 from pipeline.tracking import RunTarget, Tracker
-
-log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep.json"
 CONFIG_FILE = "sweep-config.yaml"
@@ -63,6 +60,7 @@ def check_sweep(cfg: Config) -> None:
 def run_sweep(cfg: Config | None = None, resume: Path | None = None) -> SweepOutcome:
     """Run (or, with `resume`, continue) a sweep; returns what it found."""
     from pipeline import tracking
+    from pipeline.tracking.sweeps import reopen_run
     from pipeline.train.launch import check_against_data, prepare
 
     if resume is not None:
@@ -78,7 +76,7 @@ def run_sweep(cfg: Config | None = None, resume: Path | None = None) -> SweepOut
         _save_state(experiment_dir, cfg, parent.target)
     else:
         experiment_dir = resume.resolve()
-        parent = _reopen(RunTarget(state["tracking_uri"], state["parent_run_id"]))
+        parent = reopen_run(RunTarget(state["tracking_uri"], state["parent_run_id"]))
     results = None
     try:
         results = _tuner(cfg, model_ref, data, parent.target, experiment_dir, resume is not None).fit()
@@ -210,9 +208,3 @@ def _load_state(experiment_dir: Path) -> tuple[Config, dict]:
     if not state_file.is_file():
         raise ConfigError(f"--resume: {experiment_dir} is not a sweep directory (no {STATE_FILE})")
     return load_config(experiment_dir / CONFIG_FILE), json.loads(state_file.read_text())
-
-
-def _reopen(target: RunTarget) -> Tracker:
-    from pipeline.tracking.sweeps import reopen_run
-
-    return reopen_run(target)
