@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +82,12 @@ class DataConfig(_Section):
     cache_dir: str = ".cache/pipeline/data"
     tokenize_actors: int = Field(2, ge=1)
     tokenize_batch_size: int = Field(64, ge=1)
+    # A bad record (invalid JSON or UTF-8, empty, no text field, oversized, unreadable file): skip it
+    # and count it by reason, or stop at the first one, naming its file and line.
+    on_bad_record: Literal["skip", "fail"] = "skip"
+    # Larger documents are bad records: one is nearly always a broken export (a whole corpus on one
+    # line, a binary blob), and it would dominate the packed blocks.
+    max_document_bytes: int = Field(8 << 20, ge=1)
 
 
 class TrainConfig(_Section):
@@ -93,6 +100,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     micro_batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(1, ge=1)
+    # Samples per optimizer step over all workers. When set, grad_accum follows from it (it must be
+    # divisible by num_workers x micro_batch_size), so it stays fixed when the worker count changes.
+    global_batch_size: int | None = Field(None, ge=1)
     max_ticks: int = Field(50, ge=1)
     lr: float = Field(5e-5, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -105,14 +115,36 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0)  # ticks; 0 = only before and after training
     eval_batches: int = Field(8, ge=1)  # micro batches per worker per evaluation (bounds eval cost)
     checkpoint_every: int = Field(0, ge=0)  # ticks; 0 = only the final checkpoint
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # the newest K; a corrupt newest one falls back to the next
+    # Worker-group restarts from the last checkpoint after a worker dies (preemption, OOM kill);
+    # -1 = unlimited. 0 fails the run on the first loss, which is what local iteration wants.
+    max_failures: int = Field(0, ge=-1)
     log_every: int = Field(1, ge=1)
     output_dir: str = "outputs"
     resume_from: str | None = None  # a checkpoint directory (`pipeline train --resume`)
 
+    @model_validator(mode="after")
+    def _check_global_batch(self) -> "TrainConfig":
+        if self.global_batch_size is not None:
+            per_step = self.num_workers * self.micro_batch_size
+            if self.global_batch_size % per_step:
+                raise ValueError(f"global_batch_size: {self.global_batch_size} is not divisible by num_workers x "
+                                 f"micro_batch_size ({self.num_workers} x {self.micro_batch_size} = {per_step})")
+            if self.grad_accum != 1 and self.grad_accum != self.global_batch_size // per_step:
+                raise ValueError(f"grad_accum: {self.grad_accum} contradicts global_batch_size "
+                                 f"{self.global_batch_size}; set only one of them")
+        return self
+
     @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.num_workers
+    def accum_steps(self) -> int:
+        """Micro batches per worker per optimizer step."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        return self.global_batch_size // (self.num_workers * self.micro_batch_size)
+
+    @property
+    def samples_per_tick(self) -> int:
+        return self.micro_batch_size * self.accum_steps * self.num_workers
 
 
 class NoiseConfig(_Section):
@@ -135,6 +167,11 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     log_model: bool = True
     max_new_tokens: int = Field(32, ge=1)
+    # A tracking server that does not answer within this many seconds at start fails the run at once.
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # At the end of training, how long buffered metrics (from a tracking outage) may take to reach
+    # the server before they are written to a file beside the checkpoints instead.
+    flush_timeout_s: float = Field(120.0, ge=0)
 
 
 class RayConfig(_Section):
@@ -266,6 +303,10 @@ def _validate(raw: dict) -> Config:
 def describe_error(error: dict) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
+    # A cross-field check names its field first ("grad_accum: ..."): attach it to the section's path.
+    named = re.match(r"(\w+): ", message)
+    if error["type"] == "value_error" and named:
+        return f"{field}.{named.group(1)}: {message[named.end():]}"
     if error["type"] == "extra_forbidden":
         return f"{field}: unknown field"
     if error["type"] == "missing":

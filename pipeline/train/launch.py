@@ -92,9 +92,9 @@ def check_resume_checkpoint(cfg: Config) -> None:
 
 def check_against_data(cfg: Config, data: PreparedData) -> None:
     t = cfg.train
-    if data.blocks("train") < t.global_batch_size:
+    if data.blocks("train") < t.samples_per_tick:
         raise ConfigError(f"data: only {data.blocks('train')} training blocks, fewer than one global batch "
-                          f"({t.global_batch_size} = micro_batch_size x grad_accum x num_workers)")
+                          f"({t.samples_per_tick} = micro_batch_size x accumulation steps x num_workers)")
     if data.blocks("eval") < t.num_workers * t.micro_batch_size:
         raise ConfigError(f"data.split: only {data.blocks('eval')} evaluation blocks, fewer than one micro "
                           f"batch per worker ({t.num_workers} x {t.micro_batch_size}); hold out more documents")
@@ -168,7 +168,7 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
             name=storage_name,
             storage_path=str(storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
         ),
         datasets={"train": train_ds, "eval": eval_ds},

@@ -15,8 +15,8 @@ def uses_bf16(cfg: TrainConfig) -> bool:
 def deepspeed_config(cfg: TrainConfig) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.global_batch_size,
+        "gradient_accumulation_steps": cfg.accum_steps,
+        "train_batch_size": cfg.samples_per_tick,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": uses_bf16(cfg)},

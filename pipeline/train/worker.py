@@ -76,7 +76,7 @@ def train_worker(plan: WorkerPlan) -> None:
     tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
                         "norms.blocks": norms.blocks})
     eval_shard = ray.train.get_dataset_shard("eval")
-    batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size, cfg.grad_accum * clock.tick)
+    batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size, cfg.accum_steps * clock.tick)
 
     def evaluate() -> dict[str, float]:
         loss = _evaluate(engine, eval_shard, cfg.micro_batch_size, device)
@@ -88,7 +88,7 @@ def train_worker(plan: WorkerPlan) -> None:
         say(f"[pipeline] tick {clock.tick}: eval loss {first_eval['eval_loss']:.4f}, "
             f"perplexity {first_eval['eval_perplexity']:.2f} (before training)")
 
-    tokens_per_tick = cfg.global_batch_size * (plan.seq_len - 1)
+    tokens_per_tick = cfg.samples_per_tick * (plan.seq_len - 1)
     # DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only; at stage 0 with
     # a plain torch optimizer it reports None, so there we measure the same thing ourselves.
     measure_grad_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -99,7 +99,7 @@ def train_worker(plan: WorkerPlan) -> None:
         data_wait = 0.0
         lr = scheduler.get_last_lr()[0]  # the rate this tick's optimizer step uses
         sigma = sigma_at(plan.config.noise.sigma, plan.config.noise.decay, clock.tick)
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.accum_steps):
             fetch_started = time.perf_counter()
             batch = next(batches)
             input_ids = batch["input_ids"].to(device=device, dtype=torch.long)
@@ -108,11 +108,11 @@ def train_worker(plan: WorkerPlan) -> None:
             with noise_context(_noise_context(plan.config.noise, sigma, clock.tick, batch["sample_id"], device)):
                 loss = engine(input_ids=input_ids, labels=input_ids).loss
                 engine.backward(loss)
-            if measure_grad_norm and micro == cfg.grad_accum - 1:
+            if measure_grad_norm and micro == cfg.accum_steps - 1:
                 grad_norm = _grad_norm(engine.module)  # averaged over ranks, before clipping
             engine.step()
             losses.append(loss.detach().float())
-            clock.micro_step_done(cfg.grad_accum)
+            clock.micro_step_done(cfg.accum_steps)
         if not measure_grad_norm:
             reported = engine.get_global_grad_norm()
             grad_norm = float("nan") if reported is None else float(reported)
