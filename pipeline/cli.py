@@ -37,9 +37,9 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
     config_arguments(parser)
     parser.add_argument("--debug-steps", type=_positive_int, metavar="N",
                         help="smoke run: stop after N ticks (sets train.max_ticks)")
-    parser.add_argument("--resume", metavar="CHECKPOINT",
-                        help="continue from a checkpoint directory: tick, weights, optimizer and data position "
-                             "(sets train.resume_from)")
+    parser.add_argument("--resume", metavar="CHECKPOINT_OR_RUN_DIR",
+                        help="continue from a checkpoint directory, or from the newest valid checkpoint of a run's "
+                             "storage directory: tick, weights, optimizer and data position (sets train.resume_from)")
 
 
 def _positive_int(text: str) -> int:

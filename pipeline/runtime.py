@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 from pipeline.config import RayConfig
 
 log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+_NODE_IP_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes take the loopback address
 
 # Read by Ray when it is imported, so they are set before: rank-0 progress lines must not be folded
 # away as "repeated" nor drowned by per-operator progress bars in a log file.
@@ -33,6 +37,27 @@ def ensure_ray(cfg: RayConfig) -> None:
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(address=address, runtime_env=None if in_job else runtime_env)
         return
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING, runtime_env=runtime_env)
-    log.info("started a local Ray instance (dashboard on 127.0.0.1)")
+    with _loopback_only():
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address=LOOPBACK, logging_level=logging.WARNING, runtime_env=runtime_env)
+    log.info("started a local Ray instance bound to 127.0.0.1")
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """A local Ray listens on 127.0.0.1 only. By default its GCS, raylet, workers and agents listen on
+    every interface, reachable from the network. Each of those processes asks Ray for "the node's
+    address"; with this variable (inherited from the environment at start-up) the answer is the
+    loopback address, which is also what the servers then bind."""
+    from ray._private import ray_constants  # read by this process's own ray.init
+
+    saved, saved_constant = os.environ.get(_NODE_IP_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_NODE_IP_SWITCH], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        if saved is None:
+            os.environ.pop(_NODE_IP_SWITCH, None)
+        else:
+            os.environ[_NODE_IP_SWITCH] = saved

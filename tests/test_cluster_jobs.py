@@ -1,13 +1,9 @@
 """`pipeline cluster` + `pipeline submit` end to end: a real 2-node Ray cluster and a real MLflow
 server, both on 127.0.0.1, started and stopped by PID; every wait is bounded."""
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -15,56 +11,31 @@ from pipeline.jobs.cluster import is_alive, read_state
 from pipeline.tracking.store import client_for
 
 from conftest import REPO
+from servers import MlflowServer, clean_env
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return {**env, **extra}
-
-
 def _pipeline(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env or _env(), timeout=timeout)
+                          env=env or clean_env(), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local head + worker (pipeline cluster up) and an MLflow tracking server."""
     tmp = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    mlflow_log = (tmp / "mlflow.log").open("w")
-    server = subprocess.Popen([str(REPO / ".venv" / "bin" / "mlflow"), "server", "--backend-store-uri",
-                               f"sqlite:///{tmp / 'mlflow.db'}", "--artifacts-destination", str(tmp / "artifacts"),
-                               "--host", "127.0.0.1", "--port", str(port)], stdout=mlflow_log,
-                              stderr=subprocess.STDOUT, start_new_session=True, env=_env())
+    server = MlflowServer(tmp)
     run_dir = tmp / "cluster"
     try:
         up = _pipeline("cluster", "up", "--run-dir", str(run_dir), timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
-        uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("the MLflow server did not answer /health within 120 s")
-        yield read_state(run_dir), uri, tmp
+        server.start()
+        yield read_state(run_dir), server.uri, tmp
     finally:
         state = read_state(run_dir)
         _pipeline("cluster", "down", "--run-dir", str(run_dir), timeout=200)
-        os.killpg(server.pid, signal.SIGTERM)  # one SIGTERM stops the server and its workers
-        server.wait(timeout=60)
+        server.stop()
         assert state is None or not any(is_alive(pid) for pid in state.pids), "cluster nodes outlived `down`"
 
 
@@ -77,7 +48,7 @@ def test_local_cluster_has_two_nodes(cluster):
 def test_submit_streams_logs_and_the_run_reaches_the_tracking_server(cluster):
     state, uri, tmp = cluster
     done = _pipeline("submit", "jobs/tiny.yaml", "--address", state.address, "train.max_ticks=2",
-                     env=_env(MLFLOW_TRACKING_URI=uri, PIPELINE_WORK_DIR=str(tmp / "work")))
+                     env=clean_env(MLFLOW_TRACKING_URI=uri, PIPELINE_WORK_DIR=str(tmp / "work")))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "[pipeline] tick 2/2" in done.stdout and "SUCCEEDED" in done.stdout  # the job's own log lines
     client = client_for(uri)
@@ -89,14 +60,14 @@ def test_submit_streams_logs_and_the_run_reaches_the_tracking_server(cluster):
 def test_failing_entrypoint_exits_non_zero_with_the_job_error(cluster):
     state, uri, tmp = cluster
     done = _pipeline("submit", "jobs/tiny.yaml", "--address", state.address, "train.lr=fast",
-                     env=_env(MLFLOW_TRACKING_URI=uri, PIPELINE_WORK_DIR=str(tmp / "work")))
+                     env=clean_env(MLFLOW_TRACKING_URI=uri, PIPELINE_WORK_DIR=str(tmp / "work")))
     assert done.returncode == 1
     assert "FAILED" in done.stdout and "config error: train.lr" in done.stdout
 
 
 def test_wrong_token_is_one_clear_line(cluster):
     state, _, _ = cluster
-    done = _pipeline("submit", "jobs/tiny.yaml", "--address", state.address, env=_env(RAY_AUTH_TOKEN="not-the-token"))
+    done = _pipeline("submit", "jobs/tiny.yaml", "--address", state.address, env=clean_env(RAY_AUTH_TOKEN="not-the-token"))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"pipeline: the Ray job API at {state.address} rejected the authentication token")
@@ -106,11 +77,11 @@ def test_wrong_token_is_one_clear_line(cluster):
 def test_no_wait_prints_the_job_id_and_jobs_commands_follow_it(cluster):
     state, uri, tmp = cluster
     done = _pipeline("submit", "jobs/tiny.yaml", "--no-wait", "--address", state.address, "train.max_ticks=1",
-                     env=_env(MLFLOW_TRACKING_URI=uri, PIPELINE_WORK_DIR=str(tmp / "work")))
+                     env=clean_env(MLFLOW_TRACKING_URI=uri, PIPELINE_WORK_DIR=str(tmp / "work")))
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip().splitlines()[-1]
     assert job_id.startswith("raysubmit_")
-    listed = _pipeline("jobs", "list", env=_env(RAY_ADDRESS=state.address))  # the address from RAY_ADDRESS
+    listed = _pipeline("jobs", "list", env=clean_env(RAY_ADDRESS=state.address))  # the address from RAY_ADDRESS
     assert job_id in listed.stdout
     stopped = _pipeline("jobs", "stop", job_id, "--address", state.address)
     assert stopped.returncode == 0 and job_id in stopped.stdout

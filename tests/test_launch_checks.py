@@ -31,13 +31,15 @@ def test_seq_len_above_model_positions(tmp_path):
 
 
 def test_triton_backend_without_gpus_and_bad_resume_path_are_named(tmp_path):
-    from pipeline.train.launch import check_kernel, check_resume_checkpoint
+    from pipeline.train.launch import check_kernel, resolve_resume
 
     with pytest.raises(ConfigError, match=r"kernel.backend: 'triton' runs on GPUs"):
         check_kernel(tiny_config(tmp_path, "kernel.backend=triton"))
     check_kernel(tiny_config(tmp_path, "kernel.backend=triton", "train.use_gpu=true"))
-    with pytest.raises(ConfigError, match=r"train.resume_from: .* is not a pipeline checkpoint directory"):
-        check_resume_checkpoint(tiny_config(tmp_path, f"train.resume_from={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"train.resume_from: .* holds no checkpoint directories"):
+        resolve_resume(tiny_config(tmp_path, f"train.resume_from={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"train.resume_from: .*/nowhere is not a directory"):
+        resolve_resume(tiny_config(tmp_path, f"train.resume_from={tmp_path}/nowhere"))
     with pytest.raises(ConfigError, match=r"kernel.backend: Input should be 'auto', 'triton' or 'torch'"):
         tiny_config(tmp_path, "kernel.backend=cuda")
     with pytest.raises(ConfigError, match=r"noise.sigma: Input should be greater than or equal to 0"):

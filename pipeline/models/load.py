@@ -30,17 +30,58 @@ def materialize_model(cfg: ModelConfig) -> str:
         path = Path(resolve_path(cfg.path))
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path: '{cfg.path}' is not a Hugging Face model directory (no config.json)")
+        check_hf_dir(path, cfg.path)
         return str(path)
     if cfg.source == "gguf":
         gguf = Path(resolve_path(cfg.path))
         if not gguf.is_file():
             raise ConfigError(f"model.path: GGUF file '{cfg.path}' does not exist")
         key = "gguf-" + stable_hash(file_identity(gguf))
-        return str(cached_dir(cfg.cache_dir, key, lambda out: _convert_gguf(gguf, out)))
+
+        def convert(out: Path) -> None:
+            check_gguf(gguf, cfg.path)  # only before converting: the cached copy was checked then
+            _convert_gguf(gguf, out)
+
+        return str(cached_dir(cfg.cache_dir, key, convert))
     corpus = expand_files(cfg.tokenizer_corpus, "model.tokenizer_corpus")
     key = "config-" + stable_hash([cfg.architecture, cfg.tokenizer_vocab_size, cfg.init_seed,
                                    [file_identity(p) for p in corpus]])
     return str(cached_dir(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out)))
+
+
+def check_hf_dir(path: Path, named: str) -> None:
+    """A readable config and complete weight files, checked before any worker loads them (a truncated
+    download otherwise fails inside every Ray worker at once, with a deep traceback)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any failure here means an unusable config.json
+        raise ConfigError(f"model.path: '{named}' has an unreadable config.json ({_first_line(exc)})") from None
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if not weights:
+        raise ConfigError(f"model.path: '{named}' holds no weights (*.safetensors or *.bin)")
+    for file in (w for w in weights if w.suffix == ".safetensors"):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"model.path: '{named}/{file.name}' is corrupt or truncated ({_first_line(exc)})") from None
+
+
+def check_gguf(path: Path, named: str) -> None:
+    import gguf
+
+    try:
+        gguf.GGUFReader(str(path))  # parses the header and maps every tensor: truncation shows here
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model.path: '{named}' is not a readable GGUF file ({_first_line(exc)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_tokenizer(model_ref: str):

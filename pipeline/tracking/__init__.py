@@ -5,6 +5,8 @@ from pipeline.tracking.store import (
     NullTracker,
     RunTarget,
     Tracker,
+    TrackingUnreachable,
+    check_reachable,
     end_run,
     load_pyfunc,
     log_hf_model,
@@ -12,5 +14,5 @@ from pipeline.tracking.store import (
     tracking_uri,
 )
 
-__all__ = ["NullTracker", "RunTarget", "Tracker", "end_run", "format_runs", "load_pyfunc", "log_hf_model",
+__all__ = ["NullTracker", "RunTarget", "Tracker", "TrackingUnreachable", "check_reachable", "end_run", "format_runs", "load_pyfunc", "log_hf_model",
            "recent_runs", "start_run", "tracking_uri"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import Config, flatten, to_yaml
+from pipeline.config import Config, ConfigError, flatten, to_yaml
+from pipeline.tracking.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +69,36 @@ class Tracker:
         self.target = target
         self.client = client_for(target.uri)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp_ms or int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.target.run_id, metrics=batch)
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # log_batch takes at most 100 params
             self.client.log_batch(self.target.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.target.run_id, key, value)
+            self.client.set_tag(self.target.run_id, key, redact(str(value)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.target.run_id, text, artifact_file)
+        self.client.log_text(self.target.run_id, redact(text), artifact_file)
+
+    def history(self, key: str) -> dict[int, float]:
+        """step -> value of a metric already logged in this run (the last value per step)."""
+        return {m.step: m.value for m in self.client.get_metric_history(self.target.run_id, key)}
 
 
 class NullTracker:
     """The no-op twin for ranks other than 0."""
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         pass
 
     def log_params(self, params: dict) -> None:
@@ -104,6 +109,46 @@ class NullTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
+
+
+class TrackingUnreachable(ConfigError):
+    """The configured tracking server did not answer in time; raised before any training starts."""
+
+
+def check_reachable(uri: str, timeout_s: float) -> None:
+    """Fail fast, and in one line, when an HTTP tracking server does not answer: MLflow's own client
+    would retry for minutes first. Local stores (sqlite, files) need only a creatable directory."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    database = _sqlite_file(uri)
+    if database:
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tracking.uri: cannot create the directory of {redact(uri)} ({exc.strerror})") from None
+        return
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urllib.parse.urlsplit(uri)
+    health = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + "/health",
+                                      "", ""))
+    deadline = time.monotonic() + timeout_s
+    reason = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(health, timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except urllib.error.HTTPError as exc:  # it answered: a proxy or auth in front of MLflow
+            if exc.code in (401, 403, 404):
+                return
+            reason = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            reason = str(getattr(exc, "reason", exc))
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    raise TrackingUnreachable(f"tracking.uri: no MLflow server answered at {redact(uri)} within {timeout_s:g} s "
+                              f"({reason}); start it, or point tracking.uri / MLFLOW_TRACKING_URI elsewhere")
 
 
 def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> Tracker:

@@ -12,7 +12,9 @@ from pathlib import Path
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedData, prepare_data
 from pipeline.models import materialize_model, max_positions
+from pipeline.tracking.secrets import redact
 from pipeline.runtime import ensure_ray
+from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, problem_with
 from pipeline.train.worker import WorkerPlan, train_worker
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,8 @@ class TrainOutcome:
             f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
             f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}",
             f"model: {self.model_dir}",
-            f"MLflow run {self.run_id} ({self.run_name}) in {self.tracking_uri}",
-            f"  browse: mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000",
+            f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
+            f"  browse: mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 --port 5000",
         ]
         if self.model_uri:
             lines.append(f"  load:   mlflow.pyfunc.load_model('{self.model_uri}')")
@@ -84,10 +86,23 @@ def check_kernel(cfg: Config) -> None:
         raise ConfigError("kernel.backend: 'triton' runs on GPUs and train.use_gpu is false; use 'auto' or 'torch'")
 
 
-def check_resume_checkpoint(cfg: Config) -> None:
-    path = cfg.train.resume_from
-    if path is not None and not Path(path, "pipeline_tag").is_file():
-        raise ConfigError(f"train.resume_from: {path} is not a pipeline checkpoint directory (no pipeline_tag file)")
+def resolve_resume(cfg: Config) -> Config:
+    """train.resume_from may name a checkpoint or a run's storage directory: pin it to the newest
+    checkpoint that verifies, warning about any newer one that is corrupt or partial."""
+    if cfg.train.resume_from is None:
+        return cfg
+    path = Path(cfg.train.resume_from)
+    if not path.is_dir():
+        raise ConfigError(f"train.resume_from: {path} is not a directory")
+    try:
+        chosen, skipped = choose_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(f"train.resume_from: {error}") from None
+    if skipped:
+        message = describe_fallback(chosen, skipped)
+        log.warning(message)
+        print(f"[pipeline] {message}", flush=True)
+    return cfg.with_overrides([f"train.resume_from={chosen}"])
 
 
 def check_against_data(cfg: Config, data: PreparedData) -> None:
@@ -102,8 +117,10 @@ def check_against_data(cfg: Config, data: PreparedData) -> None:
 
 def prepare(cfg: Config) -> tuple[str, PreparedData]:
     """Model first (the tokenizer defines the tokens), then the packed data cache."""
+    from pipeline.tracking import check_reachable, tracking_uri
+
     check_kernel(cfg)
-    check_resume_checkpoint(cfg)
+    check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
     model_ref = materialize_model(cfg.model)
     check_against_model(cfg, model_ref)
     ensure_ray(cfg.ray)
@@ -115,6 +132,7 @@ def prepare(cfg: Config) -> tuple[str, PreparedData]:
 def run_training(cfg: Config) -> TrainOutcome:
     from pipeline import tracking
 
+    cfg = resolve_resume(cfg)
     model_ref, data = prepare(cfg)
     print(data.summary(), flush=True)
     check_against_data(cfg, data)
@@ -159,7 +177,8 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
     # Keep the stored block order (deterministic runs); everything else as Ray Train's defaults.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, seq_len=data.seq_len)
+    plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, seq_len=data.seq_len,
+                      run_dir=storage_path / storage_name)
     trainer = TorchTrainer(
         functools.partial(train_worker, plan),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -183,6 +202,9 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
 def export_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
     from pipeline.train.export import export_hf_model
 
+    problem = problem_with(checkpoint_dir)
+    if problem:
+        raise CheckpointError(f"the final checkpoint {checkpoint_dir} is corrupt or partial: {problem}")
     started = time.perf_counter()
     model_dir = export_hf_model(checkpoint_dir, model_ref, out_dir)
     log.info("exported consolidated model to %s in %.1fs", model_dir, time.perf_counter() - started)

@@ -6,6 +6,7 @@ checkpoints, because each of them is a collective under ZeRO.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -17,8 +18,12 @@ import torch
 
 from pipeline.config import Config, NoiseConfig
 from pipeline.noise import NoiseContext, noise_context, sigma_at
-from pipeline.tracking import NullTracker, RunTarget, Tracker
+from pipeline.tracking import NullTracker, RunTarget
+from pipeline.tracking.buffer import BufferedTracker
+from pipeline.train.checkpoints import (CheckpointError, TAG_FILE, choose_checkpoint, describe_fallback,
+                                        problem_with, write_manifest)
 from pipeline.train.clock import TickClock, check_ticks_agree
+from pipeline.train.tick_log import TickLog
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 
 CHECKPOINT_TAG = "tick-{tick:06d}"
@@ -32,6 +37,7 @@ class WorkerPlan:
     model_ref: str  # a local HF directory (or hub id)
     run: RunTarget | None
     seq_len: int
+    run_dir: Path | None = None  # where Ray Train stores this run's checkpoints (shared by all nodes)
 
 
 def train_worker(plan: WorkerPlan) -> None:
@@ -43,10 +49,9 @@ def train_worker(plan: WorkerPlan) -> None:
 
     cfg = plan.config.train
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
 
     model = load_causal_lm(plan.model_ref)
     model.config.use_cache = False
@@ -58,23 +63,37 @@ def train_worker(plan: WorkerPlan) -> None:
         model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
 
+    say = print if rank == 0 else (lambda *a, **k: None)
     clock = TickClock()
     first_eval = None
-    # Ray's own checkpoint (a restart after a failure) wins over the one the user resumes from.
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and cfg.resume_from:
-        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
+    with _checkpoint_to_resume(plan, say) as directory:
+        if directory:
             _, client_state = engine.load_checkpoint(directory)
-        clock.load_state_dict(client_state["clock"])
-        first_eval = client_state.get("first_eval")
+            say(f"[pipeline] resumed from {directory} at tick {client_state['clock']['tick']}")
+            clock.load_state_dict(client_state["clock"])
+            first_eval = client_state.get("first_eval")
 
-    tracker = Tracker(plan.run) if rank == 0 and plan.run else NullTracker()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, Path(cfg.output_dir).resolve())
+               if rank == 0 and plan.run else NullTracker())
     say(f"[pipeline] fused norms: {norms.summary()}")
     tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
                         "norms.blocks": norms.blocks})
+    try:
+        _train(plan, engine, scheduler, clock, first_eval, TickLog(tracker, clock.tick, say), say)
+    finally:
+        warning = tracker.close() if isinstance(tracker, BufferedTracker) else None
+        if warning:
+            say(f"[pipeline] {warning}")
+
+
+def _train(plan: WorkerPlan, engine, scheduler, clock: TickClock, first_eval: dict | None, ticks: TickLog,
+           say) -> None:
+    """Ticks until train.max_ticks: micro-steps under the tick's noise, then log, evaluate, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = plan.config.train
+    device, world = ray.train.torch.get_device(), ray.train.get_context().get_world_size()
     eval_shard = ray.train.get_dataset_shard("eval")
     batches = _micro_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch_size, cfg.accum_steps * clock.tick)
 
@@ -84,7 +103,7 @@ def train_worker(plan: WorkerPlan) -> None:
 
     if first_eval is None:
         first_eval = evaluate()
-        tracker.log_metrics(first_eval, step=clock.tick)
+        ticks.log({**first_eval, "tick": clock.tick}, clock.tick)
         say(f"[pipeline] tick {clock.tick}: eval loss {first_eval['eval_loss']:.4f}, "
             f"perplexity {first_eval['eval_perplexity']:.2f} (before training)")
 
@@ -131,11 +150,39 @@ def train_worker(plan: WorkerPlan) -> None:
             metrics.update(evaluate())
         if clock.tick % cfg.log_every == 0 or evaluated:
             check_ticks_agree(clock.tick, device)
-            tracker.log_metrics(metrics, step=clock.tick)
+            ticks.log(metrics, clock.tick)
             say(_progress_line(metrics, cfg.max_ticks))
         checkpoint_due = (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
             _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due)
+
+
+@contextlib.contextmanager
+def _checkpoint_to_resume(plan: WorkerPlan, say):
+    """The directory to resume from, verified against its manifests, or None for a fresh start.
+
+    First choice: the newest valid checkpoint in this run's own storage, after a restart. Looking
+    there, rather than only at the checkpoint Ray registered, also finds one that every rank had
+    finished writing when a worker died just before Ray registered it; a corrupt or partial newest
+    one is skipped with a warning. Then Ray's registered checkpoint (storage Ray reads remotely),
+    then train.resume_from (a different run's checkpoint, already verified by the driver)."""
+    import ray.train
+
+    if plan.run_dir is not None and any(plan.run_dir.glob("checkpoint_*")):
+        chosen, skipped = choose_checkpoint(plan.run_dir)
+        if skipped:
+            say(f"[pipeline] {describe_fallback(chosen, skipped)}")
+        yield str(chosen)
+        return
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield plan.config.train.resume_from
+        return
+    with checkpoint.as_directory() as directory:
+        problem = problem_with(Path(directory))
+        if problem:
+            raise CheckpointError(f"checkpoint {checkpoint.path} is corrupt or partial: {problem}")
+        yield directory
 
 
 def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,
@@ -200,7 +247,9 @@ def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_chec
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         engine.save_checkpoint(directory, tag=tag,
                                client_state={"clock": clock.state_dict(), "first_eval": first_eval})
-        Path(directory, "pipeline_tag").write_text(tag)
+        Path(directory, TAG_FILE).write_text(tag)
+        context = ray.train.get_context()
+        write_manifest(Path(directory), context.get_world_rank(), context.get_world_size(), clock.tick)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

@@ -1,0 +1,75 @@
+"""Checkpoint manifests on real files: what counts as complete, and which checkpoint a resume picks."""
+
+import json
+
+import pytest
+
+from pipeline.train.checkpoints import (MANIFEST, CheckpointError, checkpoint_tick, choose_checkpoint,
+                                        describe_fallback, problem_with, write_manifest)
+
+
+def make_checkpoint(run_dir, name, tick, world_size=2):
+    """What Ray Train leaves after merging the ranks' directories: each rank's files plus its manifest."""
+    directory = run_dir / name
+    for rank in range(world_size):
+        staging = run_dir / f".stage-{name}-{rank}"
+        (staging / f"tick-{tick:06d}").mkdir(parents=True)
+        (staging / f"tick-{tick:06d}" / f"rank{rank}_states.pt").write_bytes(bytes([tick, rank]) * 1000)
+        (staging / "pipeline_tag").write_text(f"tick-{tick:06d}")
+        write_manifest(staging, rank, world_size, tick)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                target = directory / path.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(path.read_bytes())
+    return directory
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    for index, tick in enumerate((2, 4, 6)):
+        make_checkpoint(tmp_path, f"checkpoint_2026-11-24_10-00-0{index}.000000", tick)
+    return tmp_path
+
+
+def test_a_complete_checkpoint_verifies_and_names_its_tick(run_dir):
+    newest = run_dir / "checkpoint_2026-11-24_10-00-02.000000"
+    assert problem_with(newest) is None and checkpoint_tick(newest) == 6
+    manifest = json.loads((newest / MANIFEST.format(rank=1)).read_text())
+    assert set(manifest["files"]) == {"pipeline_tag", "tick-000006/rank1_states.pt"}
+    assert choose_checkpoint(run_dir) == (newest, [])
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda d: (d / MANIFEST.format(rank=0)).unlink(), "no manifest from rank(s) 0 of 2"),
+    (lambda d: [p.unlink() for p in d.glob("pipeline_manifest*")], "no manifest"),
+    (lambda d: (d / "tick-000006" / "rank1_states.pt").unlink(), "tick-000006/rank1_states.pt is missing"),
+    (lambda d: (d / "tick-000006" / "rank0_states.pt").write_bytes(b"\0" * 10), "has 10 bytes, the manifest says 2000"),
+    (lambda d: (d / "tick-000006" / "rank0_states.pt").write_bytes(b"\1" * 2000), "does not match its SHA-256"),
+    (lambda d: (d / MANIFEST.format(rank=1)).write_text("{not json"), "unreadable manifest"),
+], ids=["rank-missing", "no-manifest", "file-missing", "truncated", "bit-rot", "bad-manifest"])
+def test_damage_to_the_newest_falls_back_to_the_previous_with_a_warning(run_dir, damage, problem):
+    newest = run_dir / "checkpoint_2026-11-24_10-00-02.000000"
+    damage(newest)
+    assert problem in problem_with(newest)
+    chosen, skipped = choose_checkpoint(run_dir)
+    assert chosen == run_dir / "checkpoint_2026-11-24_10-00-01.000000"
+    assert [s.path for s in skipped] == [newest]
+    warning = describe_fallback(chosen, skipped)
+    assert f"{newest} is corrupt or partial" in warning and "(tick 4) instead" in warning
+
+
+def test_a_named_checkpoint_falls_back_only_to_older_ones(run_dir):
+    middle = run_dir / "checkpoint_2026-11-24_10-00-01.000000"
+    (middle / "pipeline_tag").unlink()  # listed in both manifests: the checkpoint is now incomplete
+    chosen, skipped = choose_checkpoint(middle)
+    assert chosen == run_dir / "checkpoint_2026-11-24_10-00-00.000000" and [s.path for s in skipped] == [middle]
+
+
+def test_no_valid_checkpoint_is_an_error_listing_each(run_dir):
+    for directory in run_dir.glob("checkpoint_*"):
+        (directory / MANIFEST.format(rank=0)).unlink()
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint: .*10-00-02.* no manifest from rank\(s\) 0 of 2"):
+        choose_checkpoint(run_dir)
+    with pytest.raises(CheckpointError, match="holds no checkpoint directories"):
+        choose_checkpoint(run_dir / "checkpoint_2026-11-24_10-00-00.000000" / "tick-000002")
