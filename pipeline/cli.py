@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from pipeline.jobs import ClusterError, JobError
         from pipeline.train import TrainingFailed
+        from pipeline.train.checkpoints import CheckpointError
 
-        if isinstance(exc, (JobError, ClusterError)):
+        if isinstance(exc, (JobError, ClusterError, CheckpointError)):
             print(f"pipeline: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, TrainingFailed):

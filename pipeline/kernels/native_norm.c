@@ -12,6 +12,8 @@
 
 #define CHUNK 64            /* columns per Philox batch (stays in L1, vectorizes) */
 #define ROWS_PER_BLOCK 32   /* rows per dγ/dβ partial: fixed, for determinism */
+/* Without noise the caller passes a one-element placeholder for row_ids: never index past it. */
+#define ROW_ID(r) (sigma != 0.0f ? row_ids[r] : 0)
 
 static void philox_normals(uint64_t key, uint64_t first_offset, int64_t count, float *out) {
     uint32_t c0[CHUNK], c1[CHUNK], c2[CHUNK], c3[CHUNK];
@@ -86,7 +88,7 @@ void norm_forward(const float *x, int64_t stride_x, const float *w, const float 
         }
         float rstd = 1.0f / sqrtf(squares / n + eps);
         for (int64_t start = 0; start < n; start += CHUNK) {
-            int64_t count = normalized_chunk(xr, mean, rstd, sigma, key, row_ids[r], n, start, xhat, noisy);
+            int64_t count = normalized_chunk(xr, mean, rstd, sigma, key, ROW_ID(r), n, start, xhat, noisy);
             for (int64_t i = 0; i < count; i++) {
                 int64_t c = start + i;
                 float out = noisy[i] * (w[c] + w_offset);
@@ -124,7 +126,7 @@ void norm_backward(const float *dy, int64_t stride_dy, const float *x, int64_t s
             }
             float c1 = dot / n, c2 = is_rms ? 0.0f : total / n;
             for (int64_t start = 0; start < n; start += CHUNK) {
-                int64_t count = normalized_chunk(xr, mean, rstd, sigma, key, row_ids[r], n, start, xhat, noisy);
+                int64_t count = normalized_chunk(xr, mean, rstd, sigma, key, ROW_ID(r), n, start, xhat, noisy);
                 for (int64_t i = 0; i < count; i++) {
                     int64_t c = start + i;
                     float wdy = dyr[c] * (w[c] + w_offset);

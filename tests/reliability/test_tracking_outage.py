@@ -1,6 +1,7 @@
 """Tracking failures: an unreachable server fails fast and clearly; a server killed mid-run and
 restarted loses nothing and never stops training (a real `mlflow server` on 127.0.0.1, by PID)."""
 
+import json
 import subprocess
 import sys
 import threading
@@ -80,3 +81,25 @@ def test_a_server_killed_mid_run_and_restarted_gets_every_tick(ray_session, tmp_
         assert not [p for p in stored if password.encode() in p.read_bytes()]
     finally:
         server.stop()
+
+
+def test_records_the_server_never_took_are_written_to_a_file_not_dropped(tmp_path):
+    """A server that never comes back: close() waits its bounded time, then spills every record."""
+    from pipeline.tracking import RunTarget
+    from pipeline.tracking.buffer import BufferedTracker
+
+    tracker = BufferedTracker(RunTarget(f"http://127.0.0.1:{free_port()}", "run123"), flush_timeout_s=1.0,
+                              spill_dir=tmp_path)
+    started = time.monotonic()
+    for tick in range(1, 6):
+        tracker.log_metrics({"loss": 1.0 / tick, "tick": tick}, step=tick)
+    tracker.set_tags({"pipeline.restarts": "1"})
+    assert time.monotonic() - started < 0.5, "logging must not wait for the server"
+    warning = tracker.close()
+    spill = tmp_path / "unsent-tracking-run123.jsonl"
+    assert warning == (f"warning: the tracking server at http://127.0.0.1:{tracker.target.uri.rsplit(':', 1)[1]} "
+                       f"stayed unreachable; 6 unsent records were written to {spill}")
+    records = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert [r["args"][1] for r in records[:5]] == [1, 2, 3, 4, 5]
+    assert records[5] == {"method": "set_tags", "args": [{"pipeline.restarts": "1"}]}
+    assert tracker.failures >= 1
