@@ -1,7 +1,8 @@
-"""Read a corpus into a Ray Dataset of documents: {doc_key, text, split}.
+"""Read a corpus into a Ray Dataset of documents: {doc_key, text, split, bad, detail}.
 
 Every format goes through `read_binary_files` and a per-file parser, so each document gets a
 stable key (file, line or row) and the order is the sorted file order, whatever the parallelism.
+A bad record becomes a row with `bad` set to its reason (see bad_records.py) instead of an error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, DataConfig, SplitConfig, expand_files
+from pipeline.config import ConfigError, DataConfig, SplitConfig, expand_files, resolve_path
+from pipeline.data.bad_records import BadRecords
 
 SPLITS = ("train", "eval")
 # Reading and parsing is light next to tokenizing; a fractional request lets it run beside the
@@ -23,13 +25,60 @@ SPLITS = ("train", "eval")
 READ_TASK_CPUS = 0.5
 
 
-def corpus_files(cfg: DataConfig) -> list[Path]:
-    files = [p.resolve() for p in expand_files(cfg.path, "data.path")]
+def corpus_files(cfg: DataConfig, bad: BadRecords) -> list[Path]:
+    """The readable corpus files, in order. Unreadable ones (no permission, a dangling link, a
+    special file) are bad records of their own, counted or failed on here, before Ray reads."""
+    listed = _unlisted_entries(cfg.path)
+    try:
+        listed += [p.resolve() for p in expand_files(cfg.path, "data.path")]
+    except ConfigError:
+        if not listed:
+            raise
     if cfg.format == "hf":  # a save_to_disk directory: the Arrow shards hold the rows
-        files = [p for p in files if p.suffix == ".arrow"]
-        if not files:
+        listed = [p for p in listed if p.suffix == ".arrow"]
+        if not listed:
             raise ConfigError(f"data.path: '{cfg.path}' holds no .arrow files (is it a save_to_disk directory?)")
+    files = []
+    for path in sorted(listed):
+        problem = _unreadable(path)
+        if problem:
+            bad.add("unreadable_file", str(path), problem)
+        else:
+            files.append(path)
+    if cfg.format in ("parquet", "hf"):
+        for path in files:
+            _check_text_column(cfg, path)
     return files
+
+
+def _unlisted_entries(path: str) -> list[Path]:
+    """Entries of a corpus directory that `expand_files` leaves out because they are not regular
+    files although they look like corpus files: dangling links and special files."""
+    root = Path(resolve_path(path))
+    if not root.is_dir():
+        return []
+    return [p for p in root.rglob("*") if not p.name.startswith(".") and not p.is_dir() and not p.is_file()]
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def _check_text_column(cfg: DataConfig, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    if cfg.format == "parquet":
+        names = pq.read_schema(path).names
+    else:
+        with pa.memory_map(str(path)) as source:
+            names = pa.ipc.open_stream(source).schema.names
+    if cfg.text_field not in names:
+        raise ConfigError(f"data.text_field: '{cfg.text_field}' is not a column of {path} (columns: {', '.join(names)})")
 
 
 def read_documents(cfg: DataConfig, files: list[Path]):
@@ -56,35 +105,57 @@ class DocumentParser:
     def __init__(self, cfg: DataConfig, root: Path):
         self.format = cfg.format
         self.text_field = cfg.text_field
+        self.max_bytes = cfg.max_document_bytes
         self.split_rule = SplitRule(cfg.split)
         self.root = root
 
     def __call__(self, row: dict) -> list[dict]:
         path = Path(row["path"])
         rel = str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
-        return [{"doc_key": key, "text": text, "split": self.split_rule(path.name, text)}
-                for key, text in self._documents(rel, row["bytes"])
-                if text.strip()]
+        rows = []
+        for key, text, bad, detail in self._documents(rel, row["bytes"]):
+            if not bad and not text.strip():
+                bad = "empty"
+            split = "" if bad else self.split_rule(path.name, text)
+            rows.append({"doc_key": key, "text": "" if bad else text, "split": split, "bad": bad, "detail": detail})
+        return rows
 
-    def _documents(self, rel: str, data: bytes) -> Iterator[tuple[str, str]]:
+    def _documents(self, rel: str, data: bytes) -> Iterator[tuple[str, str, str, str]]:
+        """(key, text, bad reason or "", detail) per record."""
         if self.format == "text":
-            yield rel, _decode(data, rel)
+            yield (rel, *self._text(data))
         elif self.format == "jsonl":
             for number, line in enumerate(data.splitlines(), start=1):
-                if line.strip():
-                    yield f"{rel}:{number}", self._field(json.loads(line), f"{rel}:{number}")
+                if line.strip():  # blank lines separate records; they are not records
+                    yield (f"{rel}:{number}", *self._json_record(line))
         else:
-            table = _read_table(self.format, data)
-            if self.text_field not in table.column_names:
-                raise ConfigError(f"data.text_field: '{self.text_field}' is not a column of {rel} "
-                                  f"(columns: {', '.join(table.column_names)})")
-            for index, text in enumerate(table.column(self.text_field).to_pylist()):
-                yield f"{rel}#{index}", text or ""
+            for index, text in enumerate(_read_table(self.format, data).column(self.text_field).to_pylist()):
+                if text is not None and len(text.encode()) > self.max_bytes:
+                    yield f"{rel}#{index}", "", "too_large", f"{len(text.encode()):,} bytes"
+                else:
+                    yield f"{rel}#{index}", text or "", "", ""
 
-    def _field(self, record: object, where: str) -> str:
-        if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
-            raise ConfigError(f"data.text_field: record {where} has no string field '{self.text_field}'")
-        return record[self.text_field]
+    def _text(self, data: bytes) -> tuple[str, str, str]:
+        if len(data) > self.max_bytes:
+            return "", "too_large", f"{len(data):,} bytes"
+        try:
+            return data.decode("utf-8"), "", ""
+        except UnicodeDecodeError as exc:
+            return "", "not_utf8", f"byte {exc.start}"
+
+    def _json_record(self, line: bytes) -> tuple[str, str, str]:
+        text, bad, detail = self._text(line)
+        if bad:
+            return text, bad, detail
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            return "", "invalid_json", str(exc)
+        if not isinstance(record, dict):
+            return "", "invalid_json", f"a JSON {type(record).__name__}, not an object"
+        if not isinstance(record.get(self.text_field), str):
+            return "", "missing_field", f"no string field '{self.text_field}'"
+        return record[self.text_field], "", ""
 
 
 class SplitRule:
@@ -102,13 +173,6 @@ class SplitRule:
             return "eval" if float(match.group(1)) >= self.cfg.eval_from else "train"
         digest = int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
         return "eval" if digest / 2**64 < self.cfg.eval_fraction else "train"
-
-
-def _decode(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{where}: not valid UTF-8 at byte {exc.start}") from None
 
 
 def _read_table(fmt: str, data: bytes) -> pa.Table:

@@ -7,7 +7,8 @@ import pyarrow as pa
 
 
 class TokenizeDocuments:
-    """map_batches callable: {doc_key, text, split} -> {doc_key, split, input_ids (+EOS)}.
+    """map_batches callable: {doc_key, text, split, bad, detail} -> {doc_key, split, bad, detail, input_ids (+EOS)}.
+    Bad records (text "") pass through with empty ids, so the driver can count them in order.
 
     Actors receive the Rust tokenizer serialized by the driver, exactly as the Hugging Face wrapper
     configured it. Rebuilding it from that string takes ~0.1 s and spares each actor importing
@@ -27,11 +28,12 @@ class TokenizeDocuments:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = batch.column("text").to_pylist()
+        good = [not reason for reason in batch.column("bad").to_pylist()]
         # encode_batch_fast skips computing offsets, which we do not use: ~25% faster.
-        encoded = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        input_ids = pa.array([e.ids + [self.eos] for e in encoded], type=pa.list_(pa.int32()))
+        encoded = iter(self.backend.encode_batch_fast([t for t, ok in zip(texts, good) if ok], add_special_tokens=False))
+        input_ids = pa.array([next(encoded).ids + [self.eos] if ok else [] for ok in good], type=pa.list_(pa.int32()))
         return pa.table({"doc_key": batch.column("doc_key"), "split": batch.column("split"),
-                         "input_ids": input_ids})
+                         "bad": batch.column("bad"), "detail": batch.column("detail"), "input_ids": input_ids})
 
 
 def tokenize(documents, model_ref: str, actors: int, batch_size: int):

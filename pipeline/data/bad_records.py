@@ -1,0 +1,60 @@
+"""Bad corpus records: what counts as one, and the `data.on_bad_record` policy (skip and count, or fail).
+
+Parsers never raise on a bad record inside a Ray task (that would surface as a worker traceback);
+they emit it as a row with a reason, and the driver, which reads the stream in corpus order, counts
+it or stops at the first one with a message naming its file and line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError
+
+REASONS = {
+    "unreadable_file": "file cannot be read",
+    "invalid_json": "not valid JSON",
+    "not_utf8": "not valid UTF-8",
+    "empty": "empty document",
+    "missing_field": "no text field",
+    "too_large": "larger than data.max_document_bytes",
+}
+
+
+class BadRecordError(ConfigError):
+    """data.on_bad_record=fail and a bad record was found; the message names its file and line."""
+
+
+class NoUsableDocuments(ConfigError):
+    """Every record of the corpus was bad (or the corpus held none): nothing to train on."""
+
+
+@dataclass
+class BadRecords:
+    """Counts by reason and the first example of each; raises at the first one under `fail`."""
+
+    policy: str
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str, detail: str = "") -> None:
+        description = f"{where}: {REASONS[reason]}" + (f" ({detail})" if detail else "")
+        if self.policy == "fail":
+            raise BadRecordError(f"data: {description}; set data.on_bad_record=skip to skip and count such records")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.examples.setdefault(reason, description)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        return describe(self.counts, self.examples)
+
+
+def describe(counts: dict[str, int], examples: dict[str, str]) -> str:
+    if not counts:
+        return ""
+    by_reason = ", ".join(f"{reason} {count:,}" for reason, count in sorted(counts.items()))
+    first = "; ".join(examples[reason] for reason in sorted(examples))
+    return f"skipped {sum(counts.values()):,} bad records: {by_reason} (first of each: {first})"

