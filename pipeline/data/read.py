@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +28,9 @@ READ_TASK_CPUS = 0.5
 
 def corpus_files(cfg: DataConfig, bad: BadRecords) -> list[Path]:
     """The readable corpus files, in order. Unreadable ones (no permission, a dangling link, a
-    special file) are bad records of their own, counted or failed on here, before Ray reads."""
+    special file) are bad records of their own, counted or failed on here, before Ray reads.
+    Config problems a file reveals (no text column, a file name the split rule cannot place) are
+    raised here too: raised inside a Ray task they would reach the user as a worker traceback."""
     listed = _unlisted_entries(cfg.path)
     try:
         listed += [p.resolve() for p in expand_files(cfg.path, "data.path")]
@@ -45,22 +48,32 @@ def corpus_files(cfg: DataConfig, bad: BadRecords) -> list[Path]:
             bad.add("unreadable_file", str(path), problem)
         else:
             files.append(path)
-    if cfg.format in ("parquet", "hf"):
-        for path in files:
+    split_rule = SplitRule(cfg.split)
+    for path in files:
+        split_rule.check_file_name(path.name)
+        if cfg.format in ("parquet", "hf"):
             _check_text_column(cfg, path)
     return files
 
 
 def _unlisted_entries(path: str) -> list[Path]:
     """Entries of a corpus directory that `expand_files` leaves out because they are not regular
-    files although they look like corpus files: dangling links and special files."""
+    files although they look like corpus files: dangling links and special files. Their directory
+    is resolved like the listed files' (the link itself is kept), so the sorted order is the same."""
     root = Path(resolve_path(path))
     if not root.is_dir():
         return []
-    return [p for p in root.rglob("*") if not p.name.startswith(".") and not p.is_dir() and not p.is_file()]
+    return [p.parent.resolve() / p.name for p in root.rglob("*")
+            if not p.name.startswith(".") and not p.is_dir() and not p.is_file()]
 
 
 def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read, or None. Special files are never opened: opening a FIFO with no
+    writer would block the driver forever."""
+    if path.is_symlink() and not path.exists():
+        return f"dangling link to {os.readlink(path)}"
+    if not path.is_file():
+        return "not a regular file"
     try:
         with path.open("rb") as handle:
             handle.read(1)
@@ -165,14 +178,24 @@ class SplitRule:
         self.cfg = cfg
         self.pattern = re.compile(cfg.path_pattern)
 
+    def check_file_name(self, file_name: str) -> None:
+        """Run on the driver for every file before Ray reads, so __call__ never raises in a task."""
+        if self.cfg.rule == "path_number":
+            self._number(file_name)
+
     def __call__(self, file_name: str, text: str) -> str:
         if self.cfg.rule == "path_number":
-            match = self.pattern.search(file_name)
-            if not match:
-                raise ConfigError(f"data.split.path_pattern: '{self.cfg.path_pattern}' does not match '{file_name}'")
-            return "eval" if float(match.group(1)) >= self.cfg.eval_from else "train"
+            return "eval" if self._number(file_name) >= self.cfg.eval_from else "train"
         digest = int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
         return "eval" if digest / 2**64 < self.cfg.eval_fraction else "train"
+
+    def _number(self, file_name: str) -> float:
+        match = self.pattern.search(file_name)
+        try:
+            return float(match.group(1))
+        except (AttributeError, IndexError, ValueError):  # no match, no group, not a number
+            raise ConfigError(f"data.split.path_pattern: '{self.cfg.path_pattern}' does not match a number in "
+                              f"'{file_name}'") from None
 
 
 def _read_table(fmt: str, data: bytes) -> pa.Table:

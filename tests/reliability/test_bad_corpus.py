@@ -3,18 +3,20 @@
 
 import json
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import ConfigError, DataConfig
+from pipeline.cli import main
+from pipeline.config import ConfigError, DataConfig, location_overrides
 from pipeline.data import BadRecordError, NoUsableDocuments, prepare_data
 
-from conftest import lincoln_paragraphs
+from conftest import TINY_YAML, lincoln_paragraphs
 
 TEN_MB = 10_000_000
-UNREADABLE_COUNT = 1 if os.geteuid() == 0 else 2  # root reads a chmod-000 file anyway
+UNREADABLE_COUNT = 2 if os.geteuid() == 0 else 3  # a dangling link, a FIFO; root reads a chmod-000 file anyway
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def good_lines(paragraphs):
 @pytest.fixture
 def messy_corpus(tmp_path, paragraphs):
     """a.jsonl: good lines with one of each bad kind between them; b.jsonl: good lines only;
-    c.jsonl: a dangling link; d.jsonl: no read permission (unreadable except to root)."""
+    c.jsonl: a dangling link; d.jsonl: no read permission (unreadable except to root); e.jsonl: a FIFO
+    (opening it to check it would block forever)."""
     corpus = tmp_path / "messy"
     corpus.mkdir()
     good = good_lines(paragraphs)
@@ -43,6 +46,7 @@ def messy_corpus(tmp_path, paragraphs):
     locked = corpus / "d.jsonl"
     locked.write_bytes(good[0] + b"\n")
     locked.chmod(0)
+    os.mkfifo(corpus / "e.jsonl")
     clean = tmp_path / "clean"
     clean.mkdir()
     (clean / "a.jsonl").write_bytes(b"\n".join(good[:12]) + b"\n")
@@ -73,7 +77,8 @@ def test_skip_counts_every_bad_kind_and_keeps_every_good_document(ray_session, t
     assert prepared.bad_examples["invalid_json"].startswith("a.jsonl:2: not valid JSON (")
     assert prepared.bad_examples["not_utf8"] == "a.jsonl:4: not valid UTF-8 (byte 13)"
     assert prepared.bad_examples["too_large"] == f"a.jsonl:10: larger than data.max_document_bytes ({TEN_MB + 12:,} bytes)"
-    assert prepared.bad_examples["unreadable_file"].startswith(f"{corpus / 'c.jsonl'}: file cannot be read (")
+    assert prepared.bad_examples["unreadable_file"] == (f"{corpus / 'c.jsonl'}: file cannot be read "
+                                                        f"(dangling link to {tmp_path / 'moved-away.jsonl'})")
     summary = prepared.summary()
     assert f"skipped {6 + UNREADABLE_COUNT} bad records: empty 1, invalid_json 2, missing_field 1" in summary
     # Nothing good was lost: the same documents and tokens as a corpus holding only the good lines.
@@ -90,6 +95,7 @@ def test_fail_names_the_first_bad_record(ray_session, tmp_path, tiny_model, mess
         prepare_data(data_config(corpus, tmp_path, on_bad_record="fail"), tiny_model)
     (corpus / "c.jsonl").unlink()
     (corpus / "d.jsonl").unlink()
+    (corpus / "e.jsonl").unlink()
     with pytest.raises(BadRecordError) as error:
         prepare_data(data_config(corpus, tmp_path, on_bad_record="fail"), tiny_model)
     assert str(error.value).startswith("data: a.jsonl:2: not valid JSON (Unterminated string")
@@ -120,3 +126,32 @@ def test_parquet_without_the_text_column_names_the_field_before_ray_reads(tmp_pa
     cfg = DataConfig(path=str(corpus), format="parquet", text_field="content", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"data.text_field: 'content' is not a column of .*docs.parquet \(columns: body\)"):
         prepare_data(cfg, tiny_model)
+
+
+def test_split_rule_that_cannot_place_a_file_is_named_before_ray_reads(tmp_path, tiny_model):
+    corpus = tmp_path / "speeches"
+    corpus.mkdir()
+    (corpus / "1999-a.txt").write_text("Some words.")
+    (corpus / "notes.txt").write_text("More words.")
+    cfg = DataConfig(path=str(corpus), cache_dir=str(tmp_path / "cache"), split={"rule": "path_number", "eval_from": 2000})
+    with pytest.raises(ConfigError, match=re.escape(r"data.split.path_pattern: '^(\d+)' does not match a number in 'notes.txt'")):
+        prepare_data(cfg, tiny_model)
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("fail", "pipeline: data: {corpus}/c.jsonl: file cannot be read (dangling link to {tmp}/moved-away.jsonl); "
+             "set data.on_bad_record=skip to skip and count such records"),
+    ("skip", "pipeline: data.path: no readable file in '{corpus}' (skipped 1 bad record: unreadable_file 1 "
+             "(first of each: {corpus}/c.jsonl: file cannot be read (dangling link to {tmp}/moved-away.jsonl)))"),
+])
+def test_cli_prints_one_line_and_exits_2(ray_session, tmp_path, tiny_model, capsys, monkeypatch, policy, message):
+    """`pipeline prepare` as a user runs it (in-process, on the module's Ray): a corpus whose only
+    file is a dangling link stops before Ray reads, under either policy."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "c.jsonl").symlink_to(tmp_path / "moved-away.jsonl")
+    monkeypatch.chdir(tmp_path)
+    code = main(["prepare", "--config", str(TINY_YAML), *location_overrides(tmp_path), "model.source=hf_dir",
+                 f"model.path={tiny_model}", f"data.path={corpus}", "data.format=jsonl", "data.split.rule=hash",
+                 f"data.on_bad_record={policy}"])
+    assert (code, capsys.readouterr().err.strip().splitlines()) == (2, [message.format(corpus=corpus, tmp=tmp_path)])
