@@ -101,6 +101,7 @@ def train_command(args: argparse.Namespace) -> int:
 @command("runs", "list recent MLflow runs", runs_arguments)
 def runs_command(args: argparse.Namespace) -> int:
     from pipeline.tracking import RunTarget, format_runs, recent_runs, tracking_uri
+    from pipeline.tracking.secrets import redact
 
     tracking = load_config(args.config).tracking if args.config else TrackingConfig()
     uri, experiment = tracking_uri(tracking.uri), args.experiment or tracking.experiment
@@ -112,12 +113,33 @@ def runs_command(args: argparse.Namespace) -> int:
             parent = resolve_sweep_id(uri, args.sweep)
         except ValueError as exc:
             raise ConfigError(f"--sweep: {exc}") from None
-        print(f"trials of sweep {parent} in {uri}")
+        print(f"trials of sweep {parent} in {redact(uri)}")
         print(format_table(collect_trials(RunTarget(uri, parent))))
         return 0
-    print(f"runs of experiment '{experiment}' in {uri}")
+    print(f"runs of experiment '{experiment}' in {redact(uri)}")
     print(format_runs(recent_runs(uri, experiment, args.limit)))
     return 0
+
+
+def ui_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="take the tracking store from this config")
+    parser.add_argument("--port", type=_positive_int, default=5000)
+
+
+@command("ui", "browse the MLflow store: mlflow ui, reachable from this machine only (127.0.0.1)", ui_arguments)
+def ui_command(args: argparse.Namespace) -> int:
+    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.secrets import redact
+
+    tracking = load_config(args.config).tracking if args.config else TrackingConfig()
+    uri = tracking_uri(tracking.uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"the tracking store is a server: open {redact(uri)}")
+        return 0
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    print(f"MLflow UI for {redact(uri)} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    # exec: the UI takes this process's PID, so whoever started `pipeline ui` can stop it by PID.
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
 
 
 @command("tune", "sweep noise sigma and learning rate (any config paths) with Ray Tune; record it in MLflow",

@@ -1,10 +1,13 @@
-"""Safe defaults: a local Ray listens on 127.0.0.1 only; secrets planted in the environment appear
+"""Safe defaults: a local Ray and `pipeline ui` listen on 127.0.0.1 only; secrets planted in the environment appear
 nowhere a run writes; a job's upload leaves out environments, credentials and checkpoints."""
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
@@ -16,7 +19,7 @@ from pipeline.jobs.spec import load_job_spec, runtime_env_dict
 from pipeline.tracking.secrets import redact, secret_values
 
 from conftest import TINY_YAML
-from servers import clean_env
+from servers import clean_env, free_port
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
@@ -35,6 +38,30 @@ def test_a_local_ray_listens_on_loopback_only(ray_session):
     assert len({name for name, _, _ in listening}) >= 3, listening  # gcs, raylet, workers, agents...
     exposed = [entry for entry in listening if entry[1] not in LOOPBACK]
     assert exposed == [], f"Ray processes listening beyond 127.0.0.1: {exposed}"
+
+
+def test_pipeline_ui_serves_mlflow_on_loopback_only(tmp_path):
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path,
+                          env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert ui.poll() is None, ui.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("pipeline ui did not answer /health within 120 s")
+        tree = [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]
+        listening = {(c.laddr.ip, c.laddr.port) for p in tree for c in _inet_listeners(p)}
+        assert (("127.0.0.1", port) in listening) and all(ip in LOOPBACK for ip, _ in listening), listening
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)  # `pipeline ui` execs mlflow: its PID is the UI's
+        ui.wait(timeout=60)
 
 
 def _inet_listeners(process):
