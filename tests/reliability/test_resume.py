@@ -76,6 +76,8 @@ def test_resumed_losses_equal_the_uninterrupted_run(interrupted):
     # The tick drives the noise: the resumed run continues the schedule (logged at t+1 for tick t's step).
     assert history(resumed, "noise_sigma")[5] == pytest.approx(sigma_at(0.2, 0.5, 4))
     original, again = history(first, "loss"), history(resumed, "loss")
+    worst = max(abs(again[t] - original[t]) / abs(original[t]) for t in range(5, TICKS + 1))
+    print(f"resume: largest relative loss difference over ticks 5-{TICKS}: {worst:.2e}")
     for tick in range(5, TICKS + 1):
         assert again[tick] == pytest.approx(original[tick], rel=1e-5), f"tick {tick}"
     assert resumed.metrics["eval_loss"] == pytest.approx(first.metrics["eval_loss"], rel=1e-5)

@@ -72,6 +72,7 @@ def test_a_server_killed_mid_run_and_restarted_gets_every_tick(ray_session, tmp_
         assert sorted(m.step for m in history) == list(range(ticks + 1)), "every tick arrives exactly once"
         # Ticks that happened while the server was down were buffered and flushed afterwards.
         during = [m.step for m in history if outage["down"] * 1000 < m.timestamp < outage["up"] * 1000]
+        print(f"outage of {outage['up'] - outage['down']:.1f} s: ticks {during} happened meanwhile and were flushed")
         assert len(during) >= 3, f"training did not go on during the outage: {during}"
         assert not list((tmp_path / "outputs").glob("unsent-tracking-*.jsonl"))
         # The credentials reached the server but none of what it stores.

@@ -56,6 +56,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_the_run_finis
     outcome = run_training(cfg)
     killer.join(timeout=5)
 
+    print(f"killed worker pid {killed.get('pid')} at tick {killed.get('at_tick')}")
     assert killed.get("workers") == 2, f"no worker was killed: {killed}"
     assert KILL_AFTER <= killed["at_tick"] < TICKS
     assert outcome.metrics["tick"] == TICKS  # the final tick is the planned total
@@ -64,6 +65,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_the_run_finis
     assert run.data.tags["pipeline.restarts"] == "1"
     note = run.data.tags["pipeline.restart.1"]
     resumed_at = int(note.split("resumed at tick ")[1].split(";")[0])
+    print(f"tags: {note}; {run.data.tags.get('pipeline.restart.1.max_rel_loss_diff')}")
     assert resumed_at % EVERY == 0 and resumed_at <= killed["at_tick"], note
     # Every tick once, logged in order: redone ticks were compared, not logged again.
     history = sorted(logged_ticks(uri, cfg.tracking.experiment), key=lambda m: (m.timestamp, m.step))
