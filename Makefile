@@ -32,6 +32,7 @@ bench: install
 	$(PY) bench/data_prep.py
 	$(PY) bench/train_step.py
 	$(PY) bench/norm.py
+	$(PY) bench/checkpoint_manifest.py
 
 clean:
 	rm -rf $(VENV) .cache outputs mlruns .pytest_cache
