@@ -86,12 +86,16 @@ def _check_text_column(cfg: DataConfig, path: Path) -> None:
     import pyarrow.parquet as pq
 
     if cfg.format == "parquet":
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
     else:
         with pa.memory_map(str(path)) as source:
-            names = pa.ipc.open_stream(source).schema.names
-    if cfg.text_field not in names:
-        raise ConfigError(f"data.text_field: '{cfg.text_field}' is not a column of {path} (columns: {', '.join(names)})")
+            schema = pa.ipc.open_stream(source).schema
+    if cfg.text_field not in schema.names:
+        raise ConfigError(f"data.text_field: '{cfg.text_field}' is not a column of {path} "
+                          f"(columns: {', '.join(schema.names)})")
+    kind = schema.field(cfg.text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConfigError(f"data.text_field: column '{cfg.text_field}' of {path} holds {kind}, not text")
 
 
 def read_documents(cfg: DataConfig, files: list[Path]):

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.tracking.secrets import redact
 from pipeline.tracking.store import RunTarget, Tracker
 
 # MLflow retries a failed request itself for minutes by default; here the thread does the retrying,
@@ -31,7 +32,8 @@ class BufferedTracker:
         self.target = target
         self.flush_timeout_s = flush_timeout_s
         self.spill_dir = spill_dir
-        self.failures = 0  # failed send attempts, for the closing message
+        self.failures = 0  # failed send attempts (retried)
+        self.rejected = 0  # records the server refused outright (spilled, not retried)
         self._tracker = Tracker(target)
         self._pending: collections.deque[tuple[str, tuple]] = collections.deque()
         self._wake = threading.Condition()
@@ -47,9 +49,15 @@ class BufferedTracker:
         """Read at once, not queued: the caller decides what to do if the server is down."""
         return self._tracker.history(key)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         # Stamped now, not when sent: after an outage the history still shows when each tick happened.
-        self._put("log_metrics", (dict(metrics), step, int(time.time() * 1000)))
+        self._put("log_metrics", (dict(metrics), step, timestamp_ms or int(time.time() * 1000)))
+
+    def unsent_metrics(self) -> list[tuple[dict, int, int]]:
+        """(metrics, step, timestamp) not yet accepted by the server: a checkpoint carries them, so a
+        worker killed before they were sent does not lose them."""
+        with self._wake:
+            return [args for method, args in self._pending if method == "log_metrics"]
 
     def log_params(self, params: dict) -> None:
         self._put("log_params", (dict(params),))
@@ -74,15 +82,24 @@ class BufferedTracker:
                 self._wake.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
             unsent = list(self._pending)
             self._pending.clear()
-        if not unsent:
-            return None
+        warnings = []
+        if self.rejected:
+            warnings.append(f"the tracking server rejected {self.rejected} records; they are in {self._spill_file}")
+        if unsent:
+            self._spill(unsent)
+            warnings.append(f"the tracking server at {redact(self.target.uri)} stayed unreachable; {len(unsent)} "
+                            f"unsent records were written to {self._spill_file}")
+        return "warning: " + "; ".join(warnings) if warnings else None
+
+    @property
+    def _spill_file(self) -> Path:
+        return self.spill_dir / f"unsent-tracking-{self.target.run_id}.jsonl"
+
+    def _spill(self, items: list[tuple[str, tuple]]) -> None:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
-        spill = self.spill_dir / f"unsent-tracking-{self.target.run_id}.jsonl"
-        with spill.open("a") as handle:
-            for method, args in unsent:
-                handle.write(json.dumps({"method": method, "args": args}) + "\n")
-        return (f"warning: the tracking server at {self.target.uri} stayed unreachable; {len(unsent)} unsent "
-                f"records were written to {spill}")
+        with self._spill_file.open("a") as handle:
+            for method, args in items:
+                handle.write(redact(json.dumps({"method": method, "args": args})) + "\n")
 
     def _put(self, method: str, args: tuple) -> None:
         with self._wake:
@@ -100,7 +117,15 @@ class BufferedTracker:
                 item = self._pending[0]
             try:
                 getattr(self._tracker, item[0])(*item[1])
-            except Exception:  # noqa: BLE001 - any failure to log is retried; training goes on
+            except Exception as error:  # noqa: BLE001 - a failure to log never stops training
+                if _rejected(error):  # retrying cannot help (a deleted run, an invalid value): keep it aside
+                    self.rejected += 1
+                    self._spill([item])
+                    with self._wake:
+                        if self._pending and self._pending[0] is item:
+                            self._pending.popleft()
+                        self._wake.notify_all()
+                    continue
                 self.failures += 1
                 with self._wake:  # close() cuts a long wait short; then retries come at most 2 s apart
                     closing = self._closing or self._wake.wait_for(lambda: self._closing, timeout=backoff)
@@ -113,3 +138,9 @@ class BufferedTracker:
                 if self._pending and self._pending[0] is item:  # close() may have spilled it meanwhile
                     self._pending.popleft()
                 self._wake.notify_all()
+
+
+def _rejected(error: Exception) -> bool:
+    """A 4xx answer other than 429: the server is up and refuses this record; a retry gets the same."""
+    status = getattr(error, "get_http_status_code", lambda: None)()
+    return isinstance(status, int) and 400 <= status < 500 and status != 429

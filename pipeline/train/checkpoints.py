@@ -86,7 +86,7 @@ def choose_checkpoint(path: Path) -> tuple[Path, list[Skipped]]:
     siblings are the fallbacks) or a run directory holding `checkpoint_*` directories."""
     path = path.resolve()
     if _looks_like_checkpoint(path):
-        candidates = [path] + [p for p in _newest_first(_checkpoints_in(path.parent)) if p.name < path.name]
+        candidates = [path] + [p for p in _newest_first(_checkpoints_in(path.parent)) if _order(p) < _order(path)]
     else:
         candidates = _newest_first(_checkpoints_in(path))
         if not candidates:
@@ -98,6 +98,21 @@ def choose_checkpoint(path: Path) -> tuple[Path, list[Skipped]]:
             return candidate, skipped
         skipped.append(Skipped(candidate, problem))
     raise CheckpointError("no valid checkpoint: " + "; ".join(f"{s.path}: {s.problem}" for s in skipped))
+
+
+def resume_point(run_dir: Path | None, resume_from: str | None) -> tuple[str | None, list[str]]:
+    """Where a worker group resumes: the newest valid checkpoint of its own run (after a restart),
+    else `resume_from`, else a fresh start (None); plus warnings naming what was skipped. A run
+    whose only checkpoints are all damaged starts over from `resume_from` rather than failing every
+    restart."""
+    if run_dir is None or not _checkpoints_in(run_dir):
+        return resume_from, []
+    try:
+        chosen, skipped = choose_checkpoint(run_dir)
+    except CheckpointError as error:
+        fallback = f"train.resume_from ({resume_from})" if resume_from else "tick 0"
+        return resume_from, [f"warning: {error}; starting again from {fallback}"]
+    return str(chosen), [describe_fallback(chosen, skipped)] if skipped else []
 
 
 def describe_fallback(chosen: Path, skipped: list[Skipped]) -> str:
@@ -115,9 +130,20 @@ def _checkpoints_in(directory: Path) -> list[Path]:
 
 
 def _newest_first(paths: list[Path]) -> list[Path]:
-    # Ray names checkpoints by the time they were reported (checkpoint_YYYY-MM-DD_HH-MM-SS.ffffff),
-    # which a partial checkpoint keeps even when its manifest is missing.
-    return sorted(paths, key=lambda p: p.name, reverse=True)
+    return sorted(paths, key=_order, reverse=True)
+
+
+def _order(path: Path) -> tuple[float, str]:
+    """Newest first by tick, which a node's clock cannot disturb (Ray names checkpoints by wall-clock
+    time). A directory whose tick cannot be read yet (cut short before its tag or manifest) counts as
+    the newest, so that it is checked, and named, before an older one is used."""
+    tick = checkpoint_tick(path)
+    if tick is None:
+        try:
+            tick = int((path / TAG_FILE).read_text().strip().removeprefix("tick-"))
+        except (OSError, ValueError):
+            tick = None
+    return (float("inf") if tick is None else float(tick), path.name)
 
 
 def _sha256(path: Path) -> str:

@@ -14,7 +14,10 @@ from pipeline.tracking import NullTracker
 
 
 class TickLog:
-    def __init__(self, tracker, resumed_tick: int, say: Callable[[str], None]):
+    """`carried`: the metrics rank 0 had not yet sent when the checkpoint resumed from was written
+    (only for a checkpoint of this same run); they are sent now unless MLflow already has them."""
+
+    def __init__(self, tracker, resumed_tick: int, say: Callable[[str], None], carried: list | tuple = ()):
         self.tracker = tracker
         self.say = say
         self.resumed_tick = resumed_tick
@@ -23,9 +26,9 @@ class TickLog:
         self.restart = 0
         self.max_rel_diff = 0.0
         if not isinstance(tracker, NullTracker):
-            self._read_history()
+            self._read_history(list(carried))
 
-    def _read_history(self) -> None:
+    def _read_history(self, carried: list) -> None:
         try:
             ticks = self.tracker.history("tick")
             self.logged_loss = self.tracker.history("loss")
@@ -33,16 +36,32 @@ class TickLog:
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not stop training
             self.say(f"[pipeline] warning: could not read the ticks this run already logged ({exc}); "
                      "after a restart, redone ticks may appear twice")
+            self._resend(carried)
             return
         self.last_logged = max(ticks, default=-1)
+        resent = self._resend(carried)
+        self.last_logged = max([self.last_logged, *resent])
         if self.last_logged < 0:
             return
         self.restart = int(tags.get("pipeline.restarts", "0")) + 1
         redone = (f"redoing ticks {self.resumed_tick + 1}-{self.last_logged} (already logged; compared, not "
                   "logged again)" if self.last_logged > self.resumed_tick else "no tick to redo")
         note = f"restart {self.restart}: resumed at tick {self.resumed_tick}; {redone}"
+        if resent:
+            note += f"; sent ticks {min(resent)}-{max(resent)}, which were still buffered when the worker died"
         self.tracker.set_tags({"pipeline.restarts": str(self.restart), f"pipeline.restart.{self.restart}": note})
         self.say(f"[pipeline] {note}")
+
+    def _resend(self, carried: list) -> list[int]:
+        steps = []
+        for metrics, step, timestamp_ms in carried:
+            if step > self.last_logged:
+                self.tracker.log_metrics(metrics, step, timestamp_ms)
+                steps.append(step)
+        return steps
+
+    def unsent(self) -> list:
+        return self.tracker.unsent_metrics() if hasattr(self.tracker, "unsent_metrics") else []
 
     def log(self, metrics: dict[str, float], tick: int) -> None:
         if tick > self.last_logged:

@@ -20,8 +20,8 @@ from pipeline.config import Config, NoiseConfig
 from pipeline.noise import NoiseContext, noise_context, sigma_at
 from pipeline.tracking import NullTracker, RunTarget
 from pipeline.tracking.buffer import BufferedTracker
-from pipeline.train.checkpoints import (CheckpointError, TAG_FILE, choose_checkpoint, describe_fallback,
-                                        problem_with, write_manifest)
+from pipeline.tracking.secrets import redact
+from pipeline.train.checkpoints import CheckpointError, TAG_FILE, problem_with, resume_point, write_manifest
 from pipeline.train.clock import TickClock, check_ticks_agree
 from pipeline.train.tick_log import TickLog
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
@@ -63,15 +63,19 @@ def train_worker(plan: WorkerPlan) -> None:
         model=model, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
 
-    say = print if rank == 0 else (lambda *a, **k: None)
+    # Rank 0 alone prints, and never a credential (an error message may quote the tracking URI).
+    say = (lambda text: print(redact(text), flush=True)) if rank == 0 else (lambda text: None)
     clock = TickClock()
     first_eval = None
+    carried = []  # metrics rank 0 had not sent when the checkpoint was written
     with _checkpoint_to_resume(plan, say) as directory:
         if directory:
             _, client_state = engine.load_checkpoint(directory)
             say(f"[pipeline] resumed from {directory} at tick {client_state['clock']['tick']}")
             clock.load_state_dict(client_state["clock"])
             first_eval = client_state.get("first_eval")
+            if plan.run_dir is not None and Path(directory).is_relative_to(plan.run_dir):  # this run's own
+                carried = client_state.get("unsent_metrics", [])
 
     tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, Path(cfg.output_dir).resolve())
                if rank == 0 and plan.run else NullTracker())
@@ -79,7 +83,7 @@ def train_worker(plan: WorkerPlan) -> None:
     tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
                         "norms.blocks": norms.blocks})
     try:
-        _train(plan, engine, scheduler, clock, first_eval, TickLog(tracker, clock.tick, say), say)
+        _train(plan, engine, scheduler, clock, first_eval, TickLog(tracker, clock.tick, say, carried), say)
     finally:
         warning = tracker.close() if isinstance(tracker, BufferedTracker) else None
         if warning:
@@ -154,25 +158,31 @@ def _train(plan: WorkerPlan, engine, scheduler, clock: TickClock, first_eval: di
             say(_progress_line(metrics, cfg.max_ticks))
         checkpoint_due = (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
-            _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due)
+            _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due, unsent=ticks.unsent())
 
 
 @contextlib.contextmanager
 def _checkpoint_to_resume(plan: WorkerPlan, say):
     """The directory to resume from, verified against its manifests, or None for a fresh start.
 
-    First choice: the newest valid checkpoint in this run's own storage, after a restart. Looking
-    there, rather than only at the checkpoint Ray registered, also finds one that every rank had
-    finished writing when a worker died just before Ray registered it; a corrupt or partial newest
-    one is skipped with a warning. Then Ray's registered checkpoint (storage Ray reads remotely),
-    then train.resume_from (a different run's checkpoint, already verified by the driver)."""
+    First choice: the newest valid checkpoint in this run's own storage (after a restart). Looking
+    there, rather than only at the checkpoint Ray registered, also finds one every rank had finished
+    writing when a worker died just before Ray registered it. Rank 0 chooses (hashing every file
+    once, not once per rank) and tells the others, so all ranks load the same one. Then Ray's
+    registered checkpoint on storage Ray reads remotely, then train.resume_from."""
     import ray.train
+    import torch.distributed as dist
 
-    if plan.run_dir is not None and any(plan.run_dir.glob("checkpoint_*")):
-        chosen, skipped = choose_checkpoint(plan.run_dir)
-        if skipped:
-            say(f"[pipeline] {describe_fallback(chosen, skipped)}")
-        yield str(chosen)
+    local = plan.run_dir is not None and plan.run_dir.exists()
+    if local:
+        decision = [None, []]
+        if ray.train.get_context().get_world_rank() == 0:
+            decision = list(resume_point(plan.run_dir, plan.config.train.resume_from))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        for warning in decision[1]:
+            say(f"[pipeline] {warning}")
+        yield decision[0]
         return
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -236,7 +246,8 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return float(value) / world
 
 
-def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_checkpoint: bool) -> None:
+def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_checkpoint: bool,
+            unsent: list) -> None:
     import ray.train
 
     report = {**metrics, **{f"{k}_start": v for k, v in first_eval.items()}}
@@ -246,7 +257,8 @@ def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_chec
     tag = CHECKPOINT_TAG.format(tick=clock.tick)
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         engine.save_checkpoint(directory, tag=tag,
-                               client_state={"clock": clock.state_dict(), "first_eval": first_eval})
+                               client_state={"clock": clock.state_dict(), "first_eval": first_eval,
+                                             "unsent_metrics": unsent})
         Path(directory, TAG_FILE).write_text(tag)
         context = ray.train.get_context()
         write_manifest(Path(directory), context.get_world_rank(), context.get_world_size(), clock.tick)

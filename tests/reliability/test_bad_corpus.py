@@ -126,6 +126,9 @@ def test_parquet_without_the_text_column_names_the_field_before_ray_reads(tmp_pa
     cfg = DataConfig(path=str(corpus), format="parquet", text_field="content", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match=r"data.text_field: 'content' is not a column of .*docs.parquet \(columns: body\)"):
         prepare_data(cfg, tiny_model)
+    pq.write_table(pa.table({"content": [1, 2]}), corpus / "docs.parquet")  # the column, but numbers
+    with pytest.raises(ConfigError, match=r"data.text_field: column 'content' of .*docs.parquet holds int64, not text"):
+        prepare_data(cfg, tiny_model)
 
 
 def test_split_rule_that_cannot_place_a_file_is_named_before_ray_reads(tmp_path, tiny_model):

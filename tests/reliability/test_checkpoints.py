@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.train.checkpoints import (MANIFEST, CheckpointError, checkpoint_tick, choose_checkpoint,
+from pipeline.train.checkpoints import (MANIFEST, CheckpointError, checkpoint_tick, choose_checkpoint, resume_point,
                                         describe_fallback, problem_with, write_manifest)
 
 
@@ -73,3 +73,32 @@ def test_no_valid_checkpoint_is_an_error_listing_each(run_dir):
         choose_checkpoint(run_dir)
     with pytest.raises(CheckpointError, match="holds no checkpoint directories"):
         choose_checkpoint(run_dir / "checkpoint_2026-11-24_10-00-00.000000" / "tick-000002")
+
+
+def test_ticks_order_checkpoints_whatever_the_clock_said(tmp_path):
+    """Ray names checkpoints by wall-clock time; after the clock went back, the name order lies."""
+    make_checkpoint(tmp_path, "checkpoint_2026-11-24_10-00-00.000000", 6)  # written after the clock went back
+    make_checkpoint(tmp_path, "checkpoint_2026-11-24_11-00-00.000000", 4)
+    assert choose_checkpoint(tmp_path)[0].name == "checkpoint_2026-11-24_10-00-00.000000"
+
+
+def test_an_unreadable_newest_is_checked_and_named_first(run_dir):
+    cut_short = run_dir / "checkpoint_2026-11-24_09-00-00.000000"  # no tag, no manifest yet
+    (cut_short / "tick-000008").mkdir(parents=True)
+    chosen, skipped = choose_checkpoint(run_dir)
+    assert chosen.name == "checkpoint_2026-11-24_10-00-02.000000" and [s.path for s in skipped] == [cut_short]
+
+
+def test_resume_point_of_a_restarted_run(run_dir, tmp_path):
+    assert resume_point(None, "/elsewhere") == ("/elsewhere", [])
+    empty = tmp_path / "fresh-run"
+    empty.mkdir()
+    assert resume_point(empty, None) == (None, [])  # a new run: nothing to resume
+    assert resume_point(run_dir, "/elsewhere") == (str(run_dir / "checkpoint_2026-11-24_10-00-02.000000"), [])
+    for directory in run_dir.glob("checkpoint_*"):  # every checkpoint of the run damaged
+        (directory / MANIFEST.format(rank=1)).unlink()
+    where, warnings = resume_point(run_dir, "/elsewhere")
+    assert where == "/elsewhere" and len(warnings) == 1
+    assert warnings[0].startswith("warning: no valid checkpoint: ") and warnings[0].endswith(
+        "starting again from train.resume_from (/elsewhere)")
+    assert resume_point(run_dir, None)[1][0].endswith("starting again from tick 0")

@@ -104,3 +104,23 @@ def test_records_the_server_never_took_are_written_to_a_file_not_dropped(tmp_pat
     assert [r["args"][1] for r in records[:5]] == [1, 2, 3, 4, 5]
     assert records[5] == {"method": "set_tags", "args": [{"pipeline.restarts": "1"}]}
     assert tracker.failures >= 1
+
+
+def test_a_record_the_server_refuses_is_set_aside_not_retried_forever(tmp_path):
+    """A live store that answers 4xx (here: the run was deleted) must not block everything behind it."""
+    from pipeline.tracking import RunTarget
+    from pipeline.tracking.buffer import BufferedTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = client_for(uri)
+    run = client.create_run(client.create_experiment("refusing"))
+    client.delete_run(run.info.run_id)
+    tracker = BufferedTracker(RunTarget(uri, run.info.run_id), flush_timeout_s=30, spill_dir=tmp_path)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_metrics({"loss": 0.5}, step=2)
+    started = time.monotonic()
+    warning = tracker.close()
+    assert time.monotonic() - started < 10, "refused records must not be retried until the flush timeout"
+    assert tracker.rejected == 2 and warning.startswith("warning: the tracking server rejected 2 records")
+    records = [json.loads(line) for line in (tmp_path / f"unsent-tracking-{run.info.run_id}.jsonl").read_text().splitlines()]
+    assert [r["args"][1] for r in records] == [1, 2]

@@ -15,7 +15,7 @@ from conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
-TICKS, EVERY, KILL_AFTER = 60, 5, 8
+TICKS, EVERY, KILL_AFTER = 60, 4, 6
 
 
 def logged_ticks(uri: str, experiment: str) -> list:
@@ -66,7 +66,8 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint_and_the_run_finis
     note = run.data.tags["pipeline.restart.1"]
     resumed_at = int(note.split("resumed at tick ")[1].split(";")[0])
     print(f"tags: {note}; {run.data.tags.get('pipeline.restart.1.max_rel_loss_diff')}")
-    assert resumed_at % EVERY == 0 and resumed_at <= killed["at_tick"], note
+    # A checkpoint, not tick 0; at most one checkpoint later than the tick seen just before the kill.
+    assert resumed_at % EVERY == 0 and EVERY <= resumed_at <= killed["at_tick"] + EVERY, note
     # Every tick once, logged in order: redone ticks were compared, not logged again.
     history = sorted(logged_ticks(uri, cfg.tracking.experiment), key=lambda m: (m.timestamp, m.step))
     steps = [m.step for m in history]
