@@ -98,13 +98,21 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("runs", "list recent MLflow runs", runs_arguments)
-def runs_command(args: argparse.Namespace) -> int:
-    from pipeline.tracking import RunTarget, format_runs, recent_runs, tracking_uri
-    from pipeline.tracking.secrets import redact
+def _tracking_store(args: argparse.Namespace) -> tuple[str, TrackingConfig]:
+    """The store `runs` and `ui` read: the `--config` one's, or the default (MLFLOW_TRACKING_URI wins)."""
+    from pipeline.tracking import tracking_uri
 
     tracking = load_config(args.config).tracking if args.config else TrackingConfig()
-    uri, experiment = tracking_uri(tracking.uri), args.experiment or tracking.experiment
+    return tracking_uri(tracking.uri), tracking
+
+
+@command("runs", "list recent MLflow runs", runs_arguments)
+def runs_command(args: argparse.Namespace) -> int:
+    from pipeline.tracking import RunTarget, format_runs, recent_runs
+    from pipeline.tracking.secrets import redact
+
+    uri, tracking = _tracking_store(args)
+    experiment = args.experiment or tracking.experiment
     if args.sweep:
         from pipeline.tracking.sweeps import resolve_sweep_id
         from pipeline.tune.summary import collect_trials, format_table
@@ -128,11 +136,9 @@ def ui_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("ui", "browse the MLflow store: mlflow ui, reachable from this machine only (127.0.0.1)", ui_arguments)
 def ui_command(args: argparse.Namespace) -> int:
-    from pipeline.tracking import tracking_uri
     from pipeline.tracking.secrets import redact
 
-    tracking = load_config(args.config).tracking if args.config else TrackingConfig()
-    uri = tracking_uri(tracking.uri)
+    uri, _ = _tracking_store(args)
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is a server: open {redact(uri)}")
         return 0

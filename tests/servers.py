@@ -25,6 +25,20 @@ def clean_env(**extra) -> dict:
     return {**env, **extra}
 
 
+def wait_for_health(uri: str, process: subprocess.Popen, within_s: float, hint: str = "") -> None:
+    """Until `uri`/health answers; fails at once if `process` exits, and after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; {hint}") from None
+            time.sleep(0.5)
+    raise TimeoutError(f"{uri}/health did not answer within {within_s:g} s")
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a sqlite store in `root`; restartable on the same port and store."""
 
@@ -41,17 +55,12 @@ class MlflowServer:
             [str(REPO / ".venv" / "bin" / "mlflow"), "server", "--backend-store-uri", self.store_uri,
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=clean_env())
-        deadline = time.monotonic() + ready_within_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
-                    return self
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.root / 'mlflow.log'}")
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"the MLflow server did not answer /health within {ready_within_s:g} s")
+        try:
+            wait_for_health(self.uri, self.process, ready_within_s, f"see {self.root / 'mlflow.log'}")
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def kill(self) -> None:
         """A crash: SIGKILL to the server's whole process group, no shutdown."""

@@ -44,10 +44,6 @@ class BadRecords:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.examples.setdefault(reason, description)
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
     def summary(self) -> str:
         return describe(self.counts, self.examples)
 

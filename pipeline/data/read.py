@@ -147,8 +147,9 @@ class DocumentParser:
                     yield (f"{rel}:{number}", *self._json_record(line))
         else:
             for index, text in enumerate(_read_table(self.format, data).column(self.text_field).to_pylist()):
-                if text is not None and len(text.encode()) > self.max_bytes:
-                    yield f"{rel}#{index}", "", "too_large", f"{len(text.encode()):,} bytes"
+                size = len(text.encode()) if text is not None else 0
+                if size > self.max_bytes:
+                    yield f"{rel}#{index}", "", "too_large", f"{size:,} bytes"
                 else:
                     yield f"{rel}#{index}", text or "", "", ""
 

@@ -68,10 +68,6 @@ class BufferedTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put("log_text", (text, artifact_file))
 
-    def pending(self) -> int:
-        with self._wake:
-            return len(self._pending)
-
     def close(self) -> str | None:
         """Drain within flush_timeout_s; returns a warning naming the spill file if some remained."""
         deadline = time.monotonic() + self.flush_timeout_s
@@ -121,10 +117,7 @@ class BufferedTracker:
                 if _rejected(error):  # retrying cannot help (a deleted run, an invalid value): keep it aside
                     self.rejected += 1
                     self._spill([item])
-                    with self._wake:
-                        if self._pending and self._pending[0] is item:
-                            self._pending.popleft()
-                        self._wake.notify_all()
+                    self._done(item)
                     continue
                 self.failures += 1
                 with self._wake:  # close() cuts a long wait short; then retries come at most 2 s apart
@@ -134,10 +127,13 @@ class BufferedTracker:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue
             backoff = BACKOFF_START_S
-            with self._wake:
-                if self._pending and self._pending[0] is item:  # close() may have spilled it meanwhile
-                    self._pending.popleft()
-                self._wake.notify_all()
+            self._done(item)
+
+    def _done(self, item: tuple[str, tuple]) -> None:
+        with self._wake:
+            if self._pending and self._pending[0] is item:  # close() may have spilled it meanwhile
+                self._pending.popleft()
+            self._wake.notify_all()
 
 
 def _rejected(error: Exception) -> bool:

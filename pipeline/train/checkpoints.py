@@ -86,7 +86,8 @@ def choose_checkpoint(path: Path) -> tuple[Path, list[Skipped]]:
     siblings are the fallbacks) or a run directory holding `checkpoint_*` directories."""
     path = path.resolve()
     if _looks_like_checkpoint(path):
-        candidates = [path] + [p for p in _newest_first(_checkpoints_in(path.parent)) if _order(p) < _order(path)]
+        given = _order(path)
+        candidates = [path] + [p for p in _newest_first(_checkpoints_in(path.parent)) if _order(p) < given]
     else:
         candidates = _newest_first(_checkpoints_in(path))
         if not candidates:

@@ -158,7 +158,8 @@ def _train(plan: WorkerPlan, engine, scheduler, clock: TickClock, first_eval: di
             say(_progress_line(metrics, cfg.max_ticks))
         checkpoint_due = (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
-            _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due, unsent=ticks.unsent())
+            _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due,
+                    unsent=ticks.unsent() if checkpoint_due else [])
 
 
 @contextlib.contextmanager

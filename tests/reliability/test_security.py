@@ -6,8 +6,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
@@ -19,7 +17,7 @@ from pipeline.jobs.spec import load_job_spec, runtime_env_dict
 from pipeline.tracking.secrets import redact, secret_values
 
 from conftest import TINY_YAML
-from servers import clean_env, free_port
+from servers import clean_env, free_port, wait_for_health
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
@@ -46,16 +44,7 @@ def test_pipeline_ui_serves_mlflow_on_loopback_only(tmp_path):
                           env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert ui.poll() is None, ui.stdout.read().decode()[-2000:]
-                time.sleep(0.5)
-        else:
-            pytest.fail("pipeline ui did not answer /health within 120 s")
+        wait_for_health(f"http://127.0.0.1:{port}", ui, 120)
         tree = [psutil.Process(ui.pid), *psutil.Process(ui.pid).children(recursive=True)]
         listening = {(c.laddr.ip, c.laddr.port) for p in tree for c in _inet_listeners(p)}
         assert (("127.0.0.1", port) in listening) and all(ip in LOOPBACK for ip, _ in listening), listening
