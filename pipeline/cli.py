@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import runtime  # noqa: F401  (sets Ray's logging environment before Ray is imported)
+from pipeline import storage
 from pipeline.config import Config, ConfigError, TrackingConfig, anchor_paths, load_config
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -70,9 +71,11 @@ def load(args: argparse.Namespace) -> Config:
     if getattr(args, "debug_steps", None) is not None:
         overrides.append(f"train.max_ticks={args.debug_steps}")
     if getattr(args, "resume", None):
-        overrides.append(f"train.resume_from={Path(args.resume).resolve()}")
+        overrides.append(f"train.resume_from={args.resume}")  # a relative path is anchored at the cwd below
     work_dir = os.environ.get("PIPELINE_WORK_DIR")  # set by job specs: storage every node shares
     cfg = anchor_paths(load_config(args.config, overrides), Path.cwd(), Path(work_dir) if work_dir else None)
+    storage.configure(cfg.storage)
+    storage.check_locations(cfg)  # a missing bucket or refused credentials: one line, before Ray starts
     if work_dir:  # in a Ray job: leave the temporary working directory, which Ray may delete
         Path(work_dir).mkdir(parents=True, exist_ok=True)
         os.chdir(work_dir)

@@ -17,6 +17,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PACKAGE_PREFIX = "package:"
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_uri(path: str | None) -> bool:
+    """`s3://bucket/key`, `gs://...`: a location in object storage rather than a local path."""
+    return bool(path) and bool(_URI.match(path))
 
 
 class ConfigError(ValueError):
@@ -174,6 +180,18 @@ class TrackingConfig(_Section):
     flush_timeout_s: float = Field(120.0, ge=0)
 
 
+class StorageConfig(_Section):
+    """Object storage (`s3://`, `gs://` locations). Credentials never go here: they come from the
+    standard chains (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS)."""
+
+    # An S3-compatible store (MinIO, Ceph, R2...); None: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, or AWS itself.
+    endpoint_url: str | None = None
+    region: str | None = None  # None: AWS_DEFAULT_REGION, AWS_REGION, or us-east-1
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)  # per request, with the SDK's backoff: bounds every wait on storage
+
+
 class RayConfig(_Section):
     address: str | None = None  # None starts a local Ray (dashboard on 127.0.0.1)
     num_cpus: int | None = Field(None, ge=1)
@@ -229,6 +247,7 @@ class Config(_Section):
     kernel: KernelConfig = KernelConfig()
     sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
+    storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
     def with_overrides(self, overrides: list[str]) -> "Config":
@@ -326,10 +345,12 @@ def anchor_paths(cfg: Config, inputs_base: Path, work_dir: Path | None = None) -
     outputs = {"model.cache_dir": cfg.model.cache_dir, "data.cache_dir": cfg.data.cache_dir,
                "train.output_dir": cfg.train.output_dir, "sweep.storage_dir": cfg.sweep.storage_dir}
     inputs = {"data.path": cfg.data.path, "model.tokenizer_corpus": cfg.model.tokenizer_corpus,
-              "model.path": cfg.model.path if cfg.model.source != "hub" else None}  # a hub id is no path
+              "model.path": cfg.model.path if cfg.model.source != "hub" else None,  # a hub id is no path
+              "train.resume_from": cfg.train.resume_from}
     overrides = [f"{key}={base / value}" for locations, base in ((outputs, work_dir), (inputs, inputs_base))
                  for key, value in locations.items()
-                 if value and not value.startswith(("package:", "~")) and not Path(value).is_absolute()]
+                 if value and not is_uri(value) and not value.startswith(("package:", "~"))
+                 and not Path(value).is_absolute()]
     if cfg.tracking.uri is None:
         overrides.append(f"tracking.uri=sqlite:///{work_dir / 'mlruns' / 'mlflow.db'}")
     return cfg.with_overrides(overrides) if overrides else cfg
