@@ -82,9 +82,10 @@ def load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-@command("prepare", "tokenize and pack the corpus into the parquet cache", config_arguments)
+@command("prepare", "tokenize and pack the corpus into the parquet cache (needs no tracking server)",
+         config_arguments)
 def prepare_command(args: argparse.Namespace) -> int:
-    from pipeline.train import prepare
+    from pipeline.data import prepare
 
     cfg = load(args)
     _, data = prepare(cfg)

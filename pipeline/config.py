@@ -94,6 +94,13 @@ class DataConfig(_Section):
     # Larger documents are bad records: one is nearly always a broken export (a whole corpus on one
     # line, a binary blob), and it would dominate the packed blocks.
     max_document_bytes: int = Field(8 << 20, ge=1)
+    # The unit of parallel reading: small files are grouped up to this size, a larger JSONL file is
+    # cut into pieces of it. It bounds a reader's memory, not the result: the blocks are the same.
+    chunk_bytes: int = Field(32 << 20, ge=1024)
+    blocks_per_shard: int = Field(4096, ge=1)  # blocks per packed parquet file
+    # On every cache hit, hash each shard against meta.json (sizes are always checked, from one
+    # listing). Turn off for very large caches whose reading would cost more than it protects.
+    verify_checksums: bool = True
 
 
 class TrainConfig(_Section):

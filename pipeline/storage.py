@@ -14,13 +14,15 @@ or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; the region `storage.region` or AWS_DE
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow.fs as pafs
 
@@ -79,6 +81,19 @@ def to_location(base: str, fs_path: str) -> str:
     return f"{base.partition('://')[0]}://{fs_path}" if is_uri(base) else fs_path
 
 
+def resolve(location: str) -> str:
+    """The canonical form of a location: an absolute, resolved local path, or the URI without a
+    trailing slash (so that locations compare and nest as strings)."""
+    return to_location(location, filesystem(location)[1])
+
+
+def local_path(location: str) -> Path:
+    """The local path of a location; an error for object storage, which has none."""
+    if is_uri(location):
+        raise ValueError(f"{location} is in object storage, not a local path")
+    return Path(location)
+
+
 @dataclass(frozen=True)
 class StoredFile:
     location: str  # URI or absolute local path
@@ -100,6 +115,16 @@ def list_files(location: str) -> list[StoredFile]:
     return sorted(files, key=lambda f: f.relative)
 
 
+def subdirectories(location: str) -> list[str]:
+    """The locations of the directories (prefixes) right below `location`, sorted; one listing call."""
+    fs, path = filesystem(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as error:
+        raise StorageError(describe_error(error, location)) from None
+    return sorted(to_location(location, i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def info(location: str) -> pafs.FileInfo:
     fs, path = filesystem(location)
     try:
@@ -116,27 +141,58 @@ def is_dir(location: str) -> bool:
     return info(location).type == pafs.FileType.Directory
 
 
+def is_file(location: str) -> bool:
+    return info(location).type == pafs.FileType.File
+
+
+def settings() -> StorageConfig:
+    """This process's settings, for handing to Ray tasks (which call `configure` with them)."""
+    return _settings
+
+
 def read_bytes(location: str) -> bytes:
     fs, path = filesystem(location)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except OSError as error:
+        raise StorageError(describe_error(error, location)) from None
 
 
 def read_text(location: str) -> str:
     return read_bytes(location).decode("utf-8")
 
 
+def sha256(location: str) -> str:
+    """The SHA-256 of a stored file, streamed (a checkpoint shard may not fit in memory)."""
+    fs, path = filesystem(location)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_bytes(location: str, data: bytes) -> None:
     """Whole or not at all: an object PUT is atomic; a local file is written beside and renamed."""
     fs, path = filesystem(location)
-    if isinstance(fs, pafs.LocalFileSystem):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(f"{path}.tmp-{os.getpid()}")
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-        return
-    with fs.open_output_stream(path) as stream:
-        stream.write(data)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # unique per writer (threads of one process too), and never left behind
+            handle, temporary = tempfile.mkstemp(prefix=f"{Path(path).name}.tmp-", dir=Path(path).parent)
+            try:
+                with os.fdopen(handle, "wb") as out:
+                    out.write(data)
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+            return
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as error:
+        raise StorageError(describe_error(error, location)) from None
 
 
 def write_text(location: str, text: str) -> None:
@@ -146,11 +202,14 @@ def write_text(location: str, text: str) -> None:
 def delete(location: str) -> None:
     """Remove a file or a whole directory (prefix); a missing one is fine."""
     fs, path = filesystem(location)
-    kind = fs.get_file_info(path).type
-    if kind == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif kind == pafs.FileType.File:
-        fs.delete_file(path)
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as error:
+        raise StorageError(describe_error(error, location)) from None
 
 
 def upload_dir(local_dir: Path, location: str, last: Iterable[str] = ()) -> None:
@@ -165,19 +224,30 @@ def upload_dir(local_dir: Path, location: str, last: Iterable[str] = ()) -> None
 
 def download_dir(location: str, local_dir: Path, include=None) -> list[Path]:
     """Copy the files below `location` (those for which `include(relative)` is true) into `local_dir`."""
-    files = [f for f in list_files(location) if include is None or include(f.relative)]
+    return _download([f for f in list_files(location) if include is None or include(f.relative)], local_dir)
+
+
+def _download(files: list[StoredFile], local_dir: Path) -> list[Path]:
     pairs = [(f.location, str(Path(local_dir) / f.relative)) for f in files]
     _transfer(pairs)
     return [Path(target) for _, target in pairs]
 
 
+def download_file(location: str, local_file: Path) -> Path:
+    _transfer([(location, str(local_file))])
+    return Path(local_file)
+
+
 def _transfer(pairs: list[tuple[str, str]]) -> None:
     def copy(pair: tuple[str, str]) -> None:
         (source_fs, source), (target_fs, target) = filesystem(pair[0]), filesystem(pair[1])
-        if isinstance(target_fs, pafs.LocalFileSystem):
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-        with source_fs.open_input_stream(source) as reader, target_fs.open_output_stream(target) as writer:
-            shutil.copyfileobj(reader, writer, 8 << 20)
+        try:
+            if isinstance(target_fs, pafs.LocalFileSystem):
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            with source_fs.open_input_stream(source) as reader, target_fs.open_output_stream(target) as writer:
+                shutil.copyfileobj(reader, writer, 8 << 20)
+        except OSError as error:
+            raise StorageError(describe_error(error, pair[0] if is_uri(pair[0]) else pair[1])) from None
 
     with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
         list(pool.map(copy, pairs))
@@ -189,18 +259,20 @@ def local_cache_root() -> Path:
     return Path(os.environ.get("PIPELINE_LOCAL_CACHE") or Path(tempfile.gettempdir()) / "pipeline-local")
 
 
-def localize(location: str) -> str:
-    """A local directory holding the files of `location`: itself when local, else a copy kept in
-    this node's cache, keyed by the listing (sizes and times), so a changed remote copy is fetched again."""
+def localize(location: str, include=None) -> str:
+    """A local directory holding the files of `location` (those for which `include(relative)` is
+    true, all by default): itself when local, else a copy kept in this node's cache, keyed by the
+    listing (sizes and times), so a changed remote copy is fetched again."""
     if not is_uri(location):
         return location
     from pipeline.cache import cached_dir, stable_hash
 
-    files = list_files(location)
+    files = [f for f in list_files(location) if include is None or include(f.relative)]
     if not files:
         raise StorageError(f"{location}: no files there")
     key = stable_hash([location, [(f.relative, f.size, f.mtime_ns) for f in files]])
-    return str(cached_dir(local_cache_root(), key, lambda out: download_dir(location, out)))
+    # exactly the files listed (one listing): the key and the copy describe the same state
+    return str(cached_dir(local_cache_root(), key, lambda out: _download(files, out)))
 
 
 def check_usable(location: str, field: str) -> None:
@@ -229,13 +301,20 @@ def check_locations(cfg: Config) -> None:
             check_usable(location, field)
 
 
+# AWS SDK error names (pyarrow writes "AWS Error ACCESS_DENIED during ...", and one it has no name for as
+# "(HTTP status 403)"), S3 error codes, google-cloud-cpp status codes. A bare "403" is no evidence: bucket
+# names, keys and request ids contain digits.
+_REFUSED = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|SignatureDoesNotMatch|INVALID_ACCESS_KEY"
+                      r"|SIGNATURE_DOES_NOT_MATCH|InvalidToken|EXPIRED_TOKEN|ExpiredToken|PERMISSION_DENIED"
+                      r"|UNAUTHENTICATED|HTTP status 40[13]\b")
+
+
 def describe_error(error: OSError, location: str) -> str:
     """One line for a storage failure, in the user's terms (never quoting a credential)."""
     text = str(error)
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         return f"bucket of {location} does not exist"
-    if any(word in text for word in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                     "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH", "403", "401")):
+    if _REFUSED.search(text):
         return (f"the storage refused access to {location}: check the credentials (AWS_ACCESS_KEY_ID / "
                 f"AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or GOOGLE_APPLICATION_CREDENTIALS) and their permissions")
     if "NETWORK_CONNECTION" in text or "Could not connect" in text or "curlCode" in text or "timed out" in text:

@@ -49,7 +49,7 @@ def test_all_four_formats_give_the_same_blocks(ray_session, tmp_path, tiny_model
     for fmt in ("text", "jsonl", "parquet", "hf"):
         corpus = write_corpus(tmp_path / fmt, fmt, documents)
         prepared = prepare_data(data_config(corpus, tmp_path / f"c-{fmt}", fmt), tiny_model)
-        results[fmt] = {split: read_blocks(prepared.split_dir(split)) for split in ("train", "eval")}
+        results[fmt] = {split: read_blocks(prepared.shards(split)) for split in ("train", "eval")}
         assert prepared.stats["train"]["documents"] + prepared.stats["eval"]["documents"] == len(documents)
     reference = results["text"]
     assert len(reference["train"][1]) > 10 and len(reference["eval"][1]) > 0
@@ -66,7 +66,7 @@ def test_packed_stream_is_the_tokenized_documents_with_eos(ray_session, tmp_path
     tokenizer = load_tokenizer(tiny_model)
     expected = np.concatenate([tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                                for d in documents])
-    sample_ids, blocks = read_blocks(prepared.split_dir("train"))
+    sample_ids, blocks = read_blocks(prepared.shards("train"))
     np.testing.assert_array_equal(blocks.reshape(-1), expected[: blocks.size])
     np.testing.assert_array_equal(sample_ids, np.arange(len(blocks)))
     assert prepared.stats["train"]["dropped_tail_tokens"] == len(expected) - blocks.size < 32
@@ -81,8 +81,8 @@ def test_same_output_with_one_or_two_tokenizer_actors(ray_session, tmp_path, tin
     two = prepare_data(data_config(corpus, tmp_path / "two", tokenize_actors=2, tokenize_batch_size=3), tiny_model)
     assert one.fingerprint == two.fingerprint  # parallelism is not part of what the blocks are
     for split in ("train", "eval"):
-        ids_one, blocks_one = read_blocks(one.split_dir(split))
-        ids_two, blocks_two = read_blocks(two.split_dir(split))
+        ids_one, blocks_one = read_blocks(one.shards(split))
+        ids_two, blocks_two = read_blocks(two.shards(split))
         np.testing.assert_array_equal(blocks_one, blocks_two)
         np.testing.assert_array_equal(ids_one, ids_two)
         assert len(set(ids_one.tolist())) == len(ids_one)

@@ -75,9 +75,9 @@ def test_checkpoints_every_n_ticks_keep_the_last_k(trained):
     assert len(list((outcome.checkpoint_dir / "tick-000008").glob("*optim_states.pt"))) == WORKERS
 
 
-def eval_loss_of(model, eval_dir, n_blocks):
+def eval_loss_of(model, eval_shards, n_blocks):
     """Mean next-token loss over the first n_blocks of the eval split, as the trainer defines it."""
-    table = pq.read_table(sorted(eval_dir.glob("*.parquet"))[0]).slice(0, n_blocks)
+    table = pq.read_table(eval_shards[0]).slice(0, n_blocks)
     ids = torch.tensor(np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)), dtype=torch.long)
     with torch.no_grad():
         return float(model(input_ids=ids, labels=ids).loss)
@@ -89,7 +89,7 @@ def test_checkpoint_converts_to_the_trained_weights(trained):
     from pipeline.models import materialize_model
 
     model_ref = materialize_model(cfg.model)
-    eval_dir = prepare_data(cfg.data, model_ref).split_dir("eval")
+    eval_dir = prepare_data(cfg.data, model_ref).shards("eval")
     n_blocks = EVAL_BATCHES * MICRO * WORKERS
     exported = load_causal_lm(str(outcome.model_dir))
     original = load_causal_lm(model_ref)
@@ -138,7 +138,7 @@ def test_stage0_with_grad_accum_and_separate_eval_and_log_intervals(ray_session,
     from pipeline.data import prepare_data
     from pipeline.models import materialize_model
 
-    eval_dir = prepare_data(cfg.data, materialize_model(cfg.model)).split_dir("eval")
+    eval_dir = prepare_data(cfg.data, materialize_model(cfg.model)).shards("eval")
     exported = load_causal_lm(str(outcome.model_dir))
     n_blocks = EVAL_BATCHES * MICRO * WORKERS
     assert eval_loss_of(exported, eval_dir, n_blocks) == pytest.approx(outcome.metrics["eval_loss"], rel=1e-5)

@@ -1,6 +1,6 @@
-"""Ray Data corpus preparation: read -> tokenize (actor pool) -> pack -> parquet cache."""
+"""Corpus preparation on Ray Data: list -> read + tokenize (actor pool) -> pack (tasks) -> parquet cache."""
 
 from pipeline.data.bad_records import BadRecordError, NoUsableDocuments
-from pipeline.data.prepare import PreparedData, prepare_data
+from pipeline.data.prepare import CorruptCache, PreparedData, prepare, prepare_data
 
-__all__ = ["BadRecordError", "NoUsableDocuments", "PreparedData", "prepare_data"]
+__all__ = ["BadRecordError", "CorruptCache", "NoUsableDocuments", "PreparedData", "prepare", "prepare_data"]

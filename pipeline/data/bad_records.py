@@ -1,8 +1,8 @@
 """Bad corpus records: what counts as one, and the `data.on_bad_record` policy (skip and count, or fail).
 
-Parsers never raise on a bad record inside a Ray task (that would surface as a worker traceback);
-they emit it as a row with a reason, and the driver, which reads the stream in corpus order, counts
-it or stops at the first one with a message naming its file and line.
+Readers never raise on a bad record inside a Ray task (that would surface as a worker traceback);
+each chunk task counts its bad records and returns the first of each reason, and the driver, which
+sees the chunks in corpus order, adds them up or stops at the first one, naming its file and line.
 """
 
 from __future__ import annotations
@@ -38,14 +38,22 @@ class BadRecords:
     examples: dict[str, str] = field(default_factory=dict)
 
     def add(self, reason: str, where: str, detail: str = "") -> None:
-        description = f"{where}: {REASONS[reason]}" + (f" ({detail})" if detail else "")
         if self.policy == "fail":
-            raise BadRecordError(f"data: {description}; set data.on_bad_record=skip to skip and count such records")
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-        self.examples.setdefault(reason, description)
+            raise BadRecordError(f"data: {_description(reason, where, detail)}; set data.on_bad_record=skip to "
+                                 f"skip and count such records")
+        self.merge(reason, 1, where, detail)
+
+    def merge(self, reason: str, count: int, where: str, detail: str = "") -> None:
+        """Count `count` records of `reason`, `where` being the first of them."""
+        self.counts[reason] = self.counts.get(reason, 0) + count
+        self.examples.setdefault(reason, _description(reason, where, detail))
 
     def summary(self) -> str:
         return describe(self.counts, self.examples)
+
+
+def _description(reason: str, where: str, detail: str) -> str:
+    return f"{where}: {REASONS[reason]}" + (f" ({detail})" if detail else "")
 
 
 def describe(counts: dict[str, int], examples: dict[str, str]) -> str:

@@ -1,38 +1,60 @@
 """`pipeline prepare`: corpus -> packed parquet cache, keyed by a fingerprint of everything that
-changes the blocks (corpus files, tokenizer, seq_len, split rule, format)."""
+changes the blocks (corpus files by size and time, tokenizer, seq_len, split rule, format).
+
+    driver: list the corpus (one listing) -> fingerprint -> cache hit? verify shards, done.
+    miss:   plan chunks -> stage 1 (actors: read, tokenize, write token files) -> prefix sums
+            -> stage 2 (tasks: pack block ranges, write shards) -> meta.json, written last
+
+The driver handles metadata only; every byte of the corpus and the tokens moves between Ray workers
+and storage, so a cluster reads and writes a bucket in parallel. A cache entry is complete when its
+`meta.json` exists (written last: object stores have no rename); a build that fails removes what it
+wrote, and one that died is cleared by the next build.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from pipeline.cache import cached_dir, file_identity, stable_hash
-from pipeline.config import DataConfig
+from pipeline import storage
+from pipeline.cache import stable_hash
+from pipeline.config import Config, ConfigError, DataConfig, RayConfig
 from pipeline.data.bad_records import BadRecords, NoUsableDocuments, describe
-from pipeline.data.pack import BlockPacker
-from pipeline.data.read import SPLITS, corpus_files, read_documents
-from pipeline.data.tokenize import flat_tokens, tokenize
+from pipeline.data.corpus import SPLITS, CorpusFile, list_corpus, plan_chunks
+from pipeline.data.pack import plan_split, write_shards
+from pipeline.data.parse import FileProblem, PieceReader
+from pipeline.data.tokenize import token_file, tokenize_chunks
 
 log = logging.getLogger(__name__)
 
 # Bump when the packed layout or the packing rule changes, so old caches are not reused.
-PACK_FORMAT_VERSION = 1
+PACK_FORMAT_VERSION = 2
+META = "meta.json"
+
+
+class CorruptCache(ConfigError):
+    """A cache entry's shard is missing or does not match meta.json; the message names it."""
 
 
 @dataclass(frozen=True)
 class PreparedData:
-    root: Path
+    root: str  # the cache entry: a local directory or an object-storage URI
     fingerprint: str
     seq_len: int
     stats: dict  # split -> {documents, tokens, blocks, dropped_tail_tokens, files}
     cache_hit: bool
     bad_records: dict[str, int]  # reason -> count of skipped records
     bad_examples: dict[str, str]  # reason -> the first such record, "file:line: reason (detail)"
+    shard_files: dict[str, list[str]]  # split -> its shards' locations, in sample_id order
 
-    def split_dir(self, split: str) -> Path:
-        return self.root / split
+    def split_dir(self, split: str) -> str:
+        return storage.join(self.root, split)
+
+    def shards(self, split: str) -> list[str]:
+        return self.shard_files[split]
 
     def blocks(self, split: str) -> int:
         return self.stats[split]["blocks"]
@@ -49,10 +71,22 @@ class PreparedData:
         return "\n".join(lines)
 
 
-def data_fingerprint(cfg: DataConfig, files: list[Path], tokenizer_fingerprint: str) -> str:
+def prepare(cfg: Config) -> tuple[str, PreparedData]:
+    """The model first (its tokenizer defines the tokens), then the packed data. Needs no tracking
+    server; Ray is started only when the cache must be built."""
+    from pipeline.models import materialize_model, max_positions
+
+    model_ref = materialize_model(cfg.model)
+    limit = max_positions(model_ref)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is above the model's maximum of {limit} positions")
+    return model_ref, prepare_data(cfg.data, model_ref, cfg.ray)
+
+
+def data_fingerprint(cfg: DataConfig, files: list[CorpusFile], tokenizer_fingerprint: str) -> str:
     return stable_hash({
         "version": PACK_FORMAT_VERSION,
-        "files": [file_identity(p) for p in files],
+        "files": [f.identity() for f in files],
         "format": cfg.format,
         "text_field": cfg.text_field,
         "tokenizer": tokenizer_fingerprint,
@@ -62,52 +96,137 @@ def data_fingerprint(cfg: DataConfig, files: list[Path], tokenizer_fingerprint: 
     })
 
 
-def prepare_data(cfg: DataConfig, model_ref: str) -> PreparedData:
-    """Reuse the packed cache when the fingerprint matches; otherwise build it with Ray Data.
-    Ray must already be initialised (see pipeline.runtime)."""
+def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None = None) -> PreparedData:
+    """Reuse the packed cache when the fingerprint matches (verifying its shards); otherwise build it."""
     from pipeline.models import hf_dir_fingerprint
 
-    bad = BadRecords(cfg.on_bad_record)
-    files = corpus_files(cfg, bad)  # unreadable files are counted (or fail) here, before Ray reads
+    unreadable = BadRecords(cfg.on_bad_record)
+    files = list_corpus(cfg, unreadable)  # unreadable entries are counted (or fail) here, before Ray reads
     if not files:
-        raise NoUsableDocuments(f"data.path: no readable file in '{cfg.path}' ({bad.summary()})")
+        raise NoUsableDocuments(f"data.path: no readable file in '{cfg.path}' ({unreadable.summary()})")
     fingerprint = data_fingerprint(cfg, files, hf_dir_fingerprint(model_ref))
-    existed = (Path(cfg.cache_dir).expanduser().resolve() / fingerprint / "meta.json").is_file()
-    root = cached_dir(cfg.cache_dir, fingerprint, lambda out: _build(cfg, files, model_ref, out, bad))
-    meta = json.loads((root / "meta.json").read_text())
-    # Unreadable files are not part of the cached corpus (the fingerprint covers readable files only),
+    root = storage.join(cfg.cache_dir, fingerprint)
+    meta = _read_meta(root)
+    cache_hit = meta is not None
+    if cache_hit:
+        verify_shards(root, meta["shards"], cfg.verify_checksums)
+    else:
+        from pipeline.runtime import ensure_ray
+
+        check_first_file(cfg, files[0])
+        ensure_ray(ray_config or RayConfig())
+        meta = _build(cfg, files, model_ref, root, unreadable)
+    # Unreadable entries are not part of the cached corpus (the fingerprint covers readable files only),
     # so they are counted afresh on every run; records are counted when the cache was built.
-    counts, examples = dict(meta.get("bad_records", {})), dict(meta.get("bad_examples", {}))
-    for reason, count in bad.counts.items():
+    counts, examples = dict(meta["bad_records"]), dict(meta["bad_examples"])
+    for reason, count in unreadable.counts.items():
         counts[reason] = counts.get(reason, 0) + count
-        examples.setdefault(reason, bad.examples[reason])
+        examples.setdefault(reason, unreadable.examples[reason])
+    shard_files = {split: [e["location"] for e in meta["shards"] if e["split"] == split] for split in SPLITS}
     return PreparedData(root=root, fingerprint=fingerprint, seq_len=meta["seq_len"], stats=meta["stats"],
-                        cache_hit=existed, bad_records=counts, bad_examples=examples)
+                        cache_hit=cache_hit, bad_records=counts, bad_examples=examples, shard_files=shard_files)
 
 
-def _build(cfg: DataConfig, files: list[Path], model_ref: str, out: Path, unreadable: BadRecords) -> None:
-    import ray.data
+def _read_meta(root: str) -> dict | None:
+    location = storage.join(root, META)
+    return json.loads(storage.read_text(location)) if storage.is_file(location) else None
 
-    # Blocks get their sample_id from their position in the stream, so Ray Data must hand the
-    # tokenized documents back in input order however many actors tokenized them.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    documents = read_documents(cfg, files)
-    tokenized = tokenize(documents, model_ref, cfg.tokenize_actors, cfg.tokenize_batch_size)
-    packers = {split: BlockPacker(out / split, cfg.seq_len) for split in SPLITS}
-    bad = BadRecords(cfg.on_bad_record)  # in stream order: under `fail`, the first bad record stops it
-    for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=None):
-        values, offsets = flat_tokens(batch)
-        columns = (batch.column(name).to_pylist() for name in ("split", "bad", "doc_key", "detail"))
-        for index, (split, reason, key, detail) in enumerate(zip(*columns)):
-            if reason:
-                bad.add(reason, key, detail)
-            else:
-                packers[split].add_document(values[offsets[index]:offsets[index + 1]])
-    stats = {split: packer.close() for split, packer in packers.items()}
-    if not any(s["documents"] for s in stats.values()):
-        everything = describe({**bad.counts, **unreadable.counts}, {**bad.examples, **unreadable.examples})
-        raise NoUsableDocuments(f"data.path: no usable document in the {len(files)} readable files of "
-                                f"'{cfg.path}' ({everything or 'the corpus is empty'})")
-    meta = {"seq_len": cfg.seq_len, "stats": stats, "model_ref": model_ref, "bad_records": bad.counts,
-            "bad_examples": bad.examples, "corpus": [str(p) for p in files], "data_config": cfg.model_dump(mode="json")}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+def check_first_file(cfg: DataConfig, first: CorpusFile) -> None:
+    """A text column that is missing or not text is named before Ray starts (one footer read); the
+    tasks check every other file and return the same message."""
+    if cfg.format in ("parquet", "hf"):
+        try:
+            next(iter(PieceReader(cfg).records(first.location, first.name, first.size, 0, first.size)), None)
+        except FileProblem as problem:
+            raise ConfigError(str(problem)) from None
+
+
+def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, unreadable: BadRecords) -> dict:
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_ref)
+    storage.delete(root)  # what a build that died before writing meta.json left behind
+    try:
+        chunks = [[{"location": p.file.location, "name": p.file.name, "size": p.file.size, "start": p.start,
+                    "end": p.end} for p in chunk] for chunk in plan_chunks(files, cfg.format, cfg.chunk_bytes)]
+        results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
+                                  tokenizer, root)
+        bad = _bad_records(cfg, results, chunks)
+        documents = {split: sum(r["documents"][split] for r in results) for split in SPLITS}
+        if not any(documents.values()):
+            everything = describe({**bad.counts, **unreadable.counts}, {**bad.examples, **unreadable.examples})
+            raise NoUsableDocuments(f"data.path: no usable document in the {len(files)} readable files of "
+                                    f"'{cfg.path}' ({everything or 'the corpus is empty'})")
+        layouts = {split: plan_split(split, [(token_file(root, split, r["chunk"]), r["tokens"][split])
+                                             for r in results if r["tokens"][split]],
+                                     cfg.seq_len, cfg.blocks_per_shard,
+                                     lambda index, s=split: storage.join(root, s, f"part-{index:05d}.parquet"))
+                   for split in SPLITS}
+        shards = write_shards([plan for layout in layouts.values() for plan in layout.shards], cfg.seq_len)
+        storage.delete(storage.join(root, "tokens"))
+        stats = {split: {"documents": documents[split], "tokens": layout.tokens, "blocks": layout.blocks,
+                         "dropped_tail_tokens": layout.dropped_tail_tokens, "files": len(layout.shards)}
+                 for split, layout in layouts.items()}
+        meta = {"version": PACK_FORMAT_VERSION, "seq_len": cfg.seq_len, "stats": stats, "shards": shards,
+                "model_ref": model_ref, "bad_records": bad.counts, "bad_examples": bad.examples,
+                "corpus": [f.location for f in files], "data_config": cfg.model_dump(mode="json")}
+        storage.write_text(storage.join(root, META), json.dumps(meta, indent=1))  # the commit: last
+        return meta
+    except BaseException:
+        storage.delete(root)
+        raise
+
+
+def _bad_records(cfg: DataConfig, results: list[dict], chunks: list[list[dict]]) -> BadRecords:
+    """The chunks' bad records in corpus order: counted, or under `fail` the first one raised with
+    its file and line (the line from the lines each earlier piece of the same file owned)."""
+    for result in results:
+        if result["problem"]:
+            raise ConfigError(result["problem"])
+    lines_before: dict[tuple[int, int], int] = {}  # (chunk, piece) -> lines of its file in earlier pieces
+    seen: dict[str, int] = {}
+    for result, pieces in zip(results, chunks):
+        for index, piece in enumerate(pieces):
+            lines_before[(result["chunk"], index)] = seen.get(piece["location"], 0)
+            if index < len(result["lines"]):  # a chunk stopped by `fail` knows only its earlier pieces
+                seen[piece["location"]] = lines_before[(result["chunk"], index)] + result["lines"][index]
+
+    def where(chunk: int, piece_index: int, record_index: int, reason: str) -> str:
+        piece = chunks[chunk][piece_index]
+        if reason == "unreadable_file" or cfg.format == "text":
+            return piece["location"] if reason == "unreadable_file" else piece["name"]
+        if cfg.format == "jsonl":
+            return f"{piece['name']}:{lines_before.get((chunk, piece_index), 0) + record_index}"
+        return f"{piece['name']}#{record_index}"
+
+    bad = BadRecords(cfg.on_bad_record)
+    for result in results:
+        if result["first_bad"] and cfg.on_bad_record == "fail":
+            reason, piece_index, record_index, detail = result["first_bad"]
+            bad.add(reason, where(result["chunk"], piece_index, record_index, reason), detail)  # raises
+        for reason, count in result["bad"].items():
+            piece_index, record_index, detail = result["examples"][reason]
+            bad.merge(reason, count, where(result["chunk"], piece_index, record_index, reason), detail)
+    return bad
+
+
+def verify_shards(root: str, shards: list[dict], checksums: bool) -> None:
+    """Every shard meta.json lists is there with its size (one listing) and, unless turned off, its
+    SHA-256 (read in parallel): a damaged cache is named here, not deep inside a training worker."""
+    present = {f.location: f.size for f in storage.list_files(root)}
+    for shard in shards:
+        size = present.get(shard["location"])
+        if size is None:
+            raise CorruptCache(f"data.cache_dir: shard {shard['location']} is missing; delete {root} to rebuild it")
+        if size != shard["bytes"]:
+            raise CorruptCache(f"data.cache_dir: shard {shard['location']} has {size} bytes, meta.json says "
+                               f"{shard['bytes']}; delete {root} to rebuild it")
+    if not checksums:
+        return
+    with ThreadPoolExecutor(storage.TRANSFER_THREADS) as pool:
+        digests = list(pool.map(lambda s: hashlib.sha256(storage.read_bytes(s["location"])).hexdigest(), shards))
+    for shard, digest in zip(shards, digests):
+        if digest != shard["sha256"]:
+            raise CorruptCache(f"data.cache_dir: shard {shard['location']} does not match its SHA-256 in "
+                               f"meta.json (corrupt); delete {root} to rebuild it")

@@ -1,62 +1,117 @@
-"""Tokenization in a Ray Data actor pool: the tokenizer is loaded once per actor, not per batch."""
+"""Stage 1, in a Ray Data actor pool: read a chunk, tokenize it, write its token streams.
+
+Each call takes one chunk (a list of byte ranges of corpus files), streams its records, tokenizes the
+good ones in batches, appends EOS to each document, and writes one flat little-endian int32 file per
+split (`<build>/tokens/<split>/chunk-NNNNNN.bin`) straight to the cache location. It returns only
+metadata: token and document counts per split, bad-record counts with the first example of each, and
+the lines each piece owned (so the driver can turn a piece-local line number into the file's line).
+"""
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import storage
+from pipeline.config import DataConfig, StorageConfig
+from pipeline.data.corpus import LIGHT_TASK_CPUS, SPLITS, SplitRule
+from pipeline.data.parse import FileProblem, PieceReader
 
-class TokenizeDocuments:
-    """map_batches callable: {doc_key, text, split, bad, detail} -> {doc_key, split, bad, detail, input_ids (+EOS)}.
-    Bad records (text "") pass through with empty ids, so the driver can count them in order.
+
+def token_file(build: str, split: str, chunk: int) -> str:
+    return storage.join(build, "tokens", split, f"chunk-{chunk:06d}.bin")
+
+
+class TokenizeChunks:
+    """map_batches callable over chunk specs (batch size 1): {"spec": json} -> {"result": json}.
 
     Actors receive the Rust tokenizer serialized by the driver, exactly as the Hugging Face wrapper
     configured it. Rebuilding it from that string takes ~0.1 s and spares each actor importing
     transformers (seconds of start-up on a small machine); the ids are the wrapper's own.
     """
 
-    def __init__(self, tokenizer_json: str, eos_token_id: int):
-        import os
-
+    def __init__(self, tokenizer_json: str, eos_token_id: int, cfg: DataConfig, settings: StorageConfig,
+                 build: str):
         # Each actor is one process; letting the Rust tokenizer spawn its own threads as well
         # only oversubscribes the cores the pool already uses.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from tokenizers import Tokenizer
 
+        storage.configure(settings)
         self.backend = Tokenizer.from_str(tokenizer_json)
         self.eos = eos_token_id
+        self.cfg = cfg
+        self.build = build
+        self.split_rule = SplitRule(cfg.split)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = batch.column("text").to_pylist()
-        good = [not reason for reason in batch.column("bad").to_pylist()]
+        results = [json.dumps(self.process(json.loads(spec))) for spec in batch.column("spec").to_pylist()]
+        return pa.table({"result": results})
+
+    def process(self, spec: dict) -> dict:
+        result = {"chunk": spec["chunk"], "tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0),
+                  "bad": {}, "examples": {}, "first_bad": None, "lines": [], "problem": None}
+        streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+        reader = PieceReader(self.cfg)
+        try:
+            for piece_index, piece in enumerate(spec["pieces"]):
+                for record in reader.records(**piece):
+                    if record.bad:
+                        self._count_bad(result, piece_index, record)
+                        if self.cfg.on_bad_record == "fail":
+                            return result  # the driver names it; nothing of this chunk is needed
+                        continue
+                    split = self.split_rule(piece["name"].rsplit("/", 1)[-1], record.text)
+                    pending[split].append(record.text)
+                    result["documents"][split] += 1
+                    if len(pending[split]) >= self.cfg.tokenize_batch_size:
+                        streams[split].append(self._encode(pending[split]))
+                        pending[split] = []
+                result["lines"].append(reader.lines)
+        except FileProblem as problem:
+            result["problem"] = str(problem)
+            return result
+        for split in SPLITS:
+            if pending[split]:
+                streams[split].append(self._encode(pending[split]))
+            tokens = np.concatenate(streams[split]) if streams[split] else np.zeros(0, np.int32)
+            result["tokens"][split] = int(len(tokens))
+            if len(tokens):
+                storage.write_bytes(token_file(self.build, split, spec["chunk"]), tokens.astype("<i4").tobytes())
+        return result
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         # encode_batch_fast skips computing offsets, which we do not use: ~25% faster.
-        encoded = iter(self.backend.encode_batch_fast([t for t, ok in zip(texts, good) if ok], add_special_tokens=False))
-        input_ids = pa.array([next(encoded).ids + [self.eos] if ok else [] for ok in good], type=pa.list_(pa.int32()))
-        return pa.table({"doc_key": batch.column("doc_key"), "split": batch.column("split"),
-                         "bad": batch.column("bad"), "detail": batch.column("detail"), "input_ids": input_ids})
+        encoded = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return np.concatenate([np.append(np.asarray(e.ids, dtype=np.int32), np.int32(self.eos)) for e in encoded])
+
+    @staticmethod
+    def _count_bad(result: dict, piece_index: int, record) -> None:
+        result["bad"][record.bad] = result["bad"].get(record.bad, 0) + 1
+        example = [piece_index, record.index, record.detail]
+        result["examples"].setdefault(record.bad, example)
+        if result["first_bad"] is None:
+            result["first_bad"] = [record.bad, *example]
 
 
-def tokenize(documents, model_ref: str, actors: int, batch_size: int):
+def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer, build: str) -> list[dict]:
+    """Run stage 1 over every chunk on the cluster; the per-chunk metadata, in chunk order."""
     import ray
     import ray.data
 
-    from pipeline.data.read import READ_TASK_CPUS
-    from pipeline.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model_ref)
-    # Actors hold their CPUs for the whole run: if they took every CPU, no read task could be
-    # scheduled and the pipeline would wait forever. Leave one read task's worth free.
+    actors = max(1, min(cfg.tokenize_actors, len(chunks)))
+    # Actors hold their CPUs for the whole run: if they took every CPU, nothing else (the stage's
+    # input task, a packing task) could be scheduled and the pipeline would wait forever.
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    cpus_per_actor = min(1.0, max(0.01, (cpus - READ_TASK_CPUS) / actors))
-    return documents.map_batches(
-        TokenizeDocuments, fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id),
-        batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=actors))
-
-
-def flat_tokens(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """The token values of a tokenized batch and the offsets where each document starts."""
-    column = batch.column("input_ids").combine_chunks()
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False)
-    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
+    cpus_per_actor = min(1.0, max(0.01, (cpus - LIGHT_TASK_CPUS) / actors))
+    specs = ray.data.from_items([{"spec": json.dumps(chunk)} for chunk in chunks], override_num_blocks=len(chunks))
+    results = specs.map_batches(
+        TokenizeChunks, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_actor,
+        fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, cfg, storage.settings(),
+                             build),
+        compute=ray.data.ActorPoolStrategy(size=actors)).take_all()
+    return sorted((json.loads(row["result"]) for row in results), key=lambda r: r["chunk"])

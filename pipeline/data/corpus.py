@@ -1,0 +1,176 @@
+"""The corpus as metadata: which files (local or in object storage), their sizes and times, the
+chunks they are read in, and the checks that need no file contents. The driver does only this.
+
+A chunk is a list of byte ranges ("pieces") of at most about `data.chunk_bytes`: small files are
+grouped, a large JSONL file is cut into several pieces. A piece owns every line that *starts* inside
+its range (see parse.py), so the split depends only on file sizes, never on Ray's block layout.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.config import ConfigError, DataConfig, SplitConfig, expand_files, is_uri, resolve_path
+from pipeline.data.bad_records import BadRecords
+
+SPLITS = ("train", "eval")
+# Listing-free work in Ray tasks (packing, the tokenizer stage's input) is light next to tokenizing;
+# a fractional request lets it run beside the tokenizer actors on a small machine.
+LIGHT_TASK_CPUS = 0.5
+_GLOB = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    location: str  # URI or absolute local path
+    name: str  # relative to the corpus root: what messages and document keys show
+    size: int
+    mtime_ns: int
+
+    def identity(self) -> list:
+        """What the cache key covers: a changed size or time means a changed corpus."""
+        return [self.location, self.size, self.mtime_ns]
+
+
+def list_corpus(cfg: DataConfig, bad: BadRecords) -> list[CorpusFile]:
+    """The corpus files in order, from one listing (no file is opened). Entries that cannot be read
+    (dangling links, special files, no read permission) are bad records, counted or failed on here."""
+    files = _list_remote(cfg.path) if is_uri(cfg.path) else _list_local(cfg.path, bad)
+    if cfg.format == "hf":  # a save_to_disk directory: the Arrow shards hold the rows
+        files = [f for f in files if f.location.endswith(".arrow")]
+        if not files:
+            raise ConfigError(f"data.path: '{cfg.path}' holds no .arrow files (is it a save_to_disk directory?)")
+    split_rule = SplitRule(cfg.split)
+    for corpus_file in files:
+        split_rule.check_file_name(Path(corpus_file.name).name)
+    return files
+
+
+def _list_remote(path: str) -> list[CorpusFile]:
+    glob = _GLOB.search(path)
+    if glob:  # list below the fixed part of the pattern, then match the whole pattern
+        prefix = path[: path.rfind("/", 0, glob.start()) + 1]
+        listed = [f for f in storage.list_files(prefix) if fnmatch.fnmatch(f.location, path)]
+    elif storage.is_file(path):
+        found = storage.info(path)
+        prefix = path[: path.rfind("/") + 1]
+        listed = [storage.StoredFile(path, path[len(prefix):], found.size or 0, found.mtime_ns or 0)]
+    else:
+        prefix, listed = path.rstrip("/") + "/", storage.list_files(path)
+    files = [CorpusFile(f.location, f.location[len(prefix):], f.size, f.mtime_ns) for f in listed
+             if not any(part.startswith(".") for part in f.location[len(prefix):].split("/"))]
+    if not files:
+        raise ConfigError(f"data.path: no files match '{path}'")
+    return files
+
+
+def _list_local(path: str, bad: BadRecords) -> list[CorpusFile]:
+    unlisted = _unlisted_entries(path)
+    try:
+        listed = [p.resolve() for p in expand_files(path, "data.path")]
+    except ConfigError:
+        if not unlisted:
+            raise
+        listed = []
+    entries = sorted(unlisted + listed)
+    root = _common_root(entries)
+    files = []
+    for entry in entries:
+        problem = _unreadable(entry)
+        if problem:
+            bad.add("unreadable_file", str(entry), problem)
+            continue
+        stat = entry.stat()
+        name = str(entry.relative_to(root)) if entry.is_relative_to(root) else str(entry)
+        files.append(CorpusFile(str(entry), name, stat.st_size, stat.st_mtime_ns))
+    return files
+
+
+def _unlisted_entries(path: str) -> list[Path]:
+    """Entries of a corpus directory that `expand_files` leaves out because they are not regular
+    files although they look like corpus files: dangling links and special files. Their directory
+    is resolved like the listed files' (the link itself is kept), so the sorted order is the same."""
+    root = Path(resolve_path(path))
+    if not root.is_dir():
+        return []
+    return [p.parent.resolve() / p.name for p in root.rglob("*")
+            if not p.name.startswith(".") and not p.is_dir() and not p.is_file()]
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read, or None, from metadata alone: special files are never opened
+    (opening a FIFO with no writer would block forever), and no file is opened just to check it."""
+    if path.is_symlink() and not path.exists():
+        return f"dangling link to {os.readlink(path)}"
+    if not path.is_file():
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "Permission denied"
+    return None
+
+
+def _common_root(paths: list[Path]) -> Path:
+    if not paths:
+        return Path("/")
+    parents = [p.parent for p in paths]
+    root = parents[0]
+    while not all(p.is_relative_to(root) for p in parents):
+        root = root.parent
+    return root
+
+
+@dataclass(frozen=True)
+class Piece:
+    file: CorpusFile
+    start: int
+    end: int
+
+
+def plan_chunks(files: list[CorpusFile], fmt: str, chunk_bytes: int) -> list[list[Piece]]:
+    """Consecutive pieces grouped into chunks of about `chunk_bytes`; only JSONL files are cut (a
+    text file is one document, a parquet or Arrow file is streamed by record batches)."""
+    chunks: list[list[Piece]] = [[]]
+    filled = 0
+    for corpus_file in files:
+        cuts = range(0, corpus_file.size, chunk_bytes) if fmt == "jsonl" and corpus_file.size > chunk_bytes else [0]
+        for start in cuts:
+            end = corpus_file.size if fmt != "jsonl" else min(corpus_file.size, start + chunk_bytes)
+            if chunks[-1] and filled + (end - start) > chunk_bytes:
+                chunks.append([])
+                filled = 0
+            chunks[-1].append(Piece(corpus_file, start, end))
+            filled += end - start
+    return [chunk for chunk in chunks if chunk]
+
+
+class SplitRule:
+    """Decides train or eval for a document, from its file name or its text, never its position."""
+
+    def __init__(self, cfg: SplitConfig):
+        self.cfg = cfg
+        self.pattern = re.compile(cfg.path_pattern)
+
+    def check_file_name(self, file_name: str) -> None:
+        """Run on the driver for every file before Ray reads, so __call__ never raises in a task."""
+        if self.cfg.rule == "path_number":
+            self._number(file_name)
+
+    def __call__(self, file_name: str, text: str) -> str:
+        if self.cfg.rule == "path_number":
+            return "eval" if self._number(file_name) >= self.cfg.eval_from else "train"
+        digest = int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+        return "eval" if digest / 2**64 < self.cfg.eval_fraction else "train"
+
+    def _number(self, file_name: str) -> float:
+        match = self.pattern.search(file_name)
+        try:
+            return float(match.group(1))
+        except (AttributeError, IndexError, ValueError):  # no match, no group, not a number
+            raise ConfigError(f"data.split.path_pattern: '{self.cfg.path_pattern}' does not match a number in "
+                              f"'{file_name}'") from None
