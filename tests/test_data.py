@@ -123,3 +123,40 @@ def test_split_by_number_in_file_name(ray_session, tmp_path, tiny_model, documen
 def test_missing_corpus_names_the_field(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="data.path: no files match"):
         prepare_data(DataConfig(path=str(tmp_path / "nothing-here" / "*.txt")), tiny_model)
+
+
+def test_same_blocks_whatever_the_chunking_and_the_actors(ray_session, tmp_path, tiny_model, documents):
+    """sample_ids come from the source: cutting the JSONL files into 1 KiB pieces (lines cross piece
+    borders) and changing the actor count gives the very same shards."""
+    corpus = write_corpus(tmp_path / "jsonl", "jsonl", documents)
+    assert all(p.stat().st_size > 4 * 1024 for p in corpus.iterdir())  # every file is cut into pieces
+    whole = prepare_data(data_config(corpus, tmp_path / "whole", "jsonl", tokenize_actors=1), tiny_model)
+    pieces = prepare_data(data_config(corpus, tmp_path / "pieces", "jsonl", chunk_bytes=1024, tokenize_actors=2),
+                          tiny_model)
+    assert whole.fingerprint == pieces.fingerprint
+    for split in ("train", "eval"):
+        ids_whole, blocks_whole = read_blocks(whole.shards(split))
+        ids_pieces, blocks_pieces = read_blocks(pieces.shards(split))
+        np.testing.assert_array_equal(blocks_whole, blocks_pieces)
+        np.testing.assert_array_equal(ids_whole, np.arange(len(ids_whole)))
+        np.testing.assert_array_equal(ids_pieces, ids_whole)
+    assert whole.stats == pieces.stats
+
+
+def test_a_damaged_shard_is_named_when_the_cache_is_opened(ray_session, tmp_path, tiny_model, documents):
+    from pipeline.data import CorruptCache
+
+    corpus = write_corpus(tmp_path / "text", "text", documents)
+    cfg = data_config(corpus, tmp_path)
+    shard = prepare_data(cfg, tiny_model).shards("train")[0]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # bit rot: same size
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(CorruptCache, match=rf"shard {shard} does not match its SHA-256 .*; delete .* to rebuild it"):
+        prepare_data(cfg, tiny_model)
+    open(shard, "wb").write(bytes(data[:100]))
+    with pytest.raises(CorruptCache, match=rf"shard {shard} has 100 bytes, meta.json says {len(data)}"):
+        prepare_data(cfg, tiny_model)
+    os.remove(shard)
+    with pytest.raises(CorruptCache, match=rf"shard {shard} is missing"):
+        prepare_data(cfg, tiny_model)

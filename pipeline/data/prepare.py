@@ -114,7 +114,7 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
         from pipeline.runtime import ensure_ray
 
         check_first_file(cfg, files[0])
-        ensure_ray(ray_config or RayConfig())
+        ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
         meta = _build(cfg, files, model_ref, root, unreadable)
     # Unreadable entries are not part of the cached corpus (the fingerprint covers readable files only),
     # so they are counted afresh on every run; records are counted when the cache was built.

@@ -89,16 +89,19 @@ def test_skip_counts_every_bad_kind_and_keeps_every_good_document(ray_session, t
     assert again.cache_hit and again.bad_records == prepared.bad_records
 
 
-def test_fail_names_the_first_bad_record(ray_session, tmp_path, tiny_model, messy_corpus):
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 1024])  # whole files, and files cut into 1 KiB pieces
+def test_fail_names_the_first_bad_record(ray_session, tmp_path, tiny_model, messy_corpus, chunk_bytes):
     corpus, _ = messy_corpus
     with pytest.raises(BadRecordError, match=rf"data: {corpus / 'c.jsonl'}: file cannot be read \("):
         prepare_data(data_config(corpus, tmp_path, on_bad_record="fail"), tiny_model)
     (corpus / "c.jsonl").unlink()
     (corpus / "d.jsonl").unlink()
     (corpus / "e.jsonl").unlink()
+    (corpus / "a.jsonl").write_bytes(b"".join(good_lines(lincoln_paragraphs(24)[12:20])) .replace(b"}{", b"}\n{")
+                                     + b"\n" + (corpus / "a.jsonl").read_bytes())  # 8 good lines first, ~4 KB
     with pytest.raises(BadRecordError) as error:
-        prepare_data(data_config(corpus, tmp_path, on_bad_record="fail"), tiny_model)
-    assert str(error.value).startswith("data: a.jsonl:2: not valid JSON (Unterminated string")
+        prepare_data(data_config(corpus, tmp_path, on_bad_record="fail", chunk_bytes=chunk_bytes), tiny_model)
+    assert str(error.value).startswith("data: a.jsonl:10: not valid JSON (Unterminated string")
     assert str(error.value).endswith("; set data.on_bad_record=skip to skip and count such records")
     assert not list((tmp_path / "cache").glob("[!.]*")), "a failed preparation must not leave a cache entry"
 

@@ -1,0 +1,91 @@
+"""Preparation with the corpus and the cache in a bucket of a real S3-compatible server (moto on
+127.0.0.1): the same blocks as on local disk, nothing left behind, damage named when opened."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.config import DataConfig, StorageConfig
+from pipeline.data import CorruptCache, prepare_data
+
+from conftest import lincoln_paragraphs
+from test_data import data_config, write_corpus
+
+
+@pytest.fixture(scope="module")
+def bucket_ray(s3):
+    """AWS_* pointing at the server *before* Ray starts, so that Ray's workers (which inherit this
+    environment, as a node's processes inherit the node's) find the endpoint and their credentials."""
+    saved = {name: os.environ.get(name) for name in s3.env()}
+    os.environ.update(s3.env())
+    storage.configure(StorageConfig())
+    import ray
+
+    from pipeline.config import RayConfig
+    from pipeline.runtime import ensure_ray
+
+    ensure_ray(RayConfig())
+    yield s3
+    ray.shutdown()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    storage.configure(StorageConfig())
+
+
+def read_remote_blocks(shards):
+    tables = [pq.read_table(path, filesystem=fs) for fs, path in map(storage.filesystem, shards)]
+    return (np.concatenate([t.column("sample_id").to_numpy() for t in tables]),
+            np.concatenate([np.stack(t.column("input_ids").to_numpy(zero_copy_only=False)) for t in tables]))
+
+
+def test_bucket_corpus_and_cache_give_the_local_blocks(bucket_ray, tmp_path, tiny_model):
+    s3 = bucket_ray
+    corpus = write_corpus(tmp_path / "jsonl", "jsonl", lincoln_paragraphs(60))
+    bucket = s3.bucket()
+    storage.upload_dir(corpus, f"s3://{bucket}/corpus")
+    local = prepare_data(data_config(corpus, tmp_path / "local", "jsonl"), tiny_model)
+    cfg = DataConfig(path=f"s3://{bucket}/corpus", format="jsonl", text_field="content", seq_len=32,
+                     cache_dir=f"s3://{bucket}/cache", split={"rule": "hash", "eval_fraction": 0.2}, chunk_bytes=2048)
+    remote = prepare_data(cfg, tiny_model)
+    assert not remote.cache_hit and remote.root.startswith(f"s3://{bucket}/cache/")
+    assert remote.stats == local.stats
+    for split in ("train", "eval"):
+        assert all(shard.startswith("s3://") for shard in remote.shards(split))
+        ids, blocks = read_remote_blocks(remote.shards(split))
+        local_ids, local_blocks = read_remote_blocks(local.shards(split))
+        np.testing.assert_array_equal(blocks, local_blocks)
+        np.testing.assert_array_equal(ids, local_ids)
+    stored = [f.relative for f in storage.list_files(remote.root)]
+    assert "meta.json" in stored and not [name for name in stored if name.startswith("tokens/")]
+
+    puts_before = sum(method == "PUT" for method, _ in s3.requests())
+    again = prepare_data(cfg, tiny_model)
+    assert again.cache_hit and again.stats == remote.stats
+    assert sum(method == "PUT" for method, _ in s3.requests()) == puts_before  # a hit writes nothing
+
+    shard = remote.shards("train")[0]
+    key = shard.removeprefix(f"s3://{bucket}/")
+    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.client().put_object(Bucket=bucket, Key=key, Body=body[:-10])
+    with pytest.raises(CorruptCache, match=rf"shard {shard} has {len(body) - 10} bytes, meta.json says {len(body)}"):
+        prepare_data(cfg, tiny_model)
+
+
+def test_a_failed_build_leaves_nothing_in_the_bucket(bucket_ray, tmp_path, tiny_model):
+    from pipeline.data import BadRecordError
+
+    s3 = bucket_ray
+    bucket = s3.bucket()
+    good = "".join('{"content": "%s"}\n' % p.replace('"', "'") for p in lincoln_paragraphs(20))
+    s3.client().put_object(Bucket=bucket, Key="corpus/a.jsonl", Body=(good + "{broken\n" + good).encode())
+    cfg = DataConfig(path=f"s3://{bucket}/corpus", format="jsonl", text_field="content", seq_len=32,
+                     cache_dir=f"s3://{bucket}/cache", on_bad_record="fail", chunk_bytes=1024)
+    with pytest.raises(BadRecordError, match=r"data: a.jsonl:21: not valid JSON"):
+        prepare_data(cfg, tiny_model)
+    assert storage.list_files(f"s3://{bucket}/cache") == []
