@@ -161,7 +161,7 @@ def tune_command(args: argparse.Namespace) -> int:
         raise ConfigError("tune: give either --config (a new sweep) or --resume SWEEP_DIR (continue one)")
     if args.resume and args.overrides:
         raise ConfigError("tune --resume: overrides cannot change a sweep that has started")
-    outcome = run_sweep(load(args)) if args.config else run_sweep(resume=Path(args.resume))
+    outcome = run_sweep(load(args)) if args.config else run_sweep(resume=args.resume)  # a path or a URI
     print(outcome.summary())
     return 130 if outcome.interrupted else 0
 

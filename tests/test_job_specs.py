@@ -57,3 +57,24 @@ def test_overrides_are_appended_quoted_and_bad_specs_name_the_field(tmp_path):
     message = str(error.value)
     assert "entrypoint: must be a pipeline command" in message
     assert "resources.entrypoint_num_gpus" in message and "extra: unknown field" in message
+
+
+def test_a_spec_that_takes_the_work_dir_needs_it_set(tmp_path):
+    """Without PIPELINE_WORK_DIR a job's caches and outputs would land in one node's temporary copy
+    of the repo: refused in one line naming the spec, the entry and both ways out."""
+    spec_file = tmp_path / "needs-work-dir.yaml"
+    spec_file.write_text("entrypoint: pipeline train --config configs/tiny.yaml\n"
+                         "runtime_env: {env_vars: {PIPELINE_WORK_DIR: '${PIPELINE_WORK_DIR}', "
+                         "UNSET: '${NOT_SET_ANYWHERE}'}}\n")
+    spec = load_job_spec(spec_file)
+    for environ in ({}, {"PIPELINE_WORK_DIR": ""}):
+        with pytest.raises(ConfigError) as error:
+            runtime_env_dict(spec, REPO, environ)
+        message = str(error.value)
+        assert message.startswith(f"job spec {spec_file}: env_vars.PIPELINE_WORK_DIR takes ${{PIPELINE_WORK_DIR}}")
+        assert "storage every node shares" in message and "train.output_dir" in message and "\n" not in message
+    env = runtime_env_dict(spec, REPO, {"PIPELINE_WORK_DIR": "/shared/work"})
+    assert env["env_vars"]["PIPELINE_WORK_DIR"] == "/shared/work" and "UNSET" not in env["env_vars"]
+    for shipped in SPECS:  # every shipped spec asks for it
+        with pytest.raises(ConfigError, match=f"job spec {shipped}: .*PIPELINE_WORK_DIR"):
+            runtime_env_dict(load_job_spec(shipped), REPO, {"MLFLOW_TRACKING_URI": "http://10.0.0.5:5000"})

@@ -7,7 +7,10 @@
 
 Whatever a spec says, the upload never includes the virtualenv, Ray's own directory, credential
 files, caches, tracking stores or checkpoints (REQUIRED_EXCLUDES), and env values are expanded from
-the submitter's environment only when the spec names them: nothing else leaves this machine.
+the submitter's environment only when the spec names them: nothing else leaves this machine. A
+reference to an unset variable leaves its entry out (the cluster's own value applies), except
+PIPELINE_WORK_DIR: without it a job's relative caches and outputs land in a temporary directory of
+one node, so a spec that asks for it and does not get it is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import shlex
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from pipeline.config import ConfigError, describe_error
 from pipeline.runtime import QUIET_RAY_ENV
@@ -28,6 +31,7 @@ REQUIRED_EXCLUDES = [
     ".env", "*.pem", "*.key", ".aws/", ".netrc", ".git-credentials", "**/auth_token", "__pycache__/",
 ]
 _REFERENCE = re.compile(r"\$\{(\w+)\}")
+WORK_DIR = "PIPELINE_WORK_DIR"
 
 
 class _Spec(BaseModel):
@@ -50,6 +54,7 @@ class JobSpec(_Spec):
     runtime_env: RuntimeEnvSpec = RuntimeEnvSpec()
     resources: ResourceSpec = ResourceSpec()
     metadata: dict[str, str] = {}
+    _source: str = PrivateAttr("the job spec")  # how messages name it: its path, set by load_job_spec
 
     @field_validator("entrypoint")
     @classmethod
@@ -70,9 +75,11 @@ def load_job_spec(path: str | os.PathLike, overrides: list[str] | None = None) -
     if overrides and isinstance(raw.get("entrypoint"), str):
         raw["entrypoint"] += " " + " ".join(shlex.quote(item) for item in overrides)
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"job spec {path}: " + "; ".join(describe_error(e) for e in exc.errors())) from None
+    spec._source = f"job spec {path}"
+    return spec
 
 
 def config_paths(spec: JobSpec) -> list[str]:
@@ -86,7 +93,13 @@ def runtime_env_dict(spec: JobSpec, repo_root: Path, environ: dict[str, str] | N
     environ = os.environ if environ is None else environ
     env_vars = {}
     for name, value in spec.runtime_env.env_vars.items():
-        missing = [ref for ref in _REFERENCE.findall(value) if ref not in environ]
+        references = _REFERENCE.findall(value)
+        missing = [ref for ref in references if ref not in environ]
+        if WORK_DIR in references and not environ.get(WORK_DIR):  # unset or empty: the same fallback
+            raise ConfigError(
+                f"{spec._source}: env_vars.{name} takes ${{{WORK_DIR}}}, which is not set here: set {WORK_DIR} "
+                f"to storage every node shares, or use URIs (s3://, gs://) for data.cache_dir, train.output_dir "
+                f"and model.cache_dir and drop {WORK_DIR} from the spec")
         if missing:
             continue  # unset on this machine: the cluster's own value (or default) applies
         env_vars[name] = _REFERENCE.sub(lambda match: environ[match.group(1)], value)

@@ -2,6 +2,11 @@
 
 GGUF files and tiny from-config models are converted once into a cached HF directory
 (safetensors + tokenizer), so workers and data actors load in well under a second.
+
+A model reference (what `materialize_model` returns) is a local directory, an object-storage URI
+(`model.path` or `model.cache_dir` in a bucket) or a hub id. A URI is read through a copy on each
+node's local disk: the whole directory where weights are loaded, its small files only (config,
+tokenizer) where only those are needed, as on the driver.
 """
 
 from __future__ import annotations
@@ -9,52 +14,117 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, expand_files, resolve_path
+from pipeline import storage
 from pipeline.cache import cached_dir, file_identity, stable_hash
+from pipeline.config import ConfigError, ModelConfig, expand_files, is_uri, resolve_path
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "vocab.json", "merges.txt", "tokenizer.model")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
+# A HF directory in object storage is complete when it has config.json: uploads write it last.
+COMPLETE_MARKER = "config.json"
 
 
 def materialize_model(cfg: ModelConfig) -> str:
-    """Return a local HF directory (or a hub id) holding the model and its tokenizer."""
+    """Return a model reference holding the model and its tokenizer: a local HF directory, a URI
+    (when model.path or model.cache_dir is one: every node makes its own local copy), or a hub id."""
     if cfg.source == "hub":
         return cfg.path
     if cfg.source == "hf_dir":
-        path = Path(resolve_path(cfg.path))
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.path: '{cfg.path}' is not a Hugging Face model directory (no config.json)")
-        check_hf_dir(path, cfg.path)
-        return str(path)
+        location = cfg.path if is_uri(cfg.path) else resolve_path(cfg.path)
+        check_hf_dir(location, cfg.path)
+        return location
     if cfg.source == "gguf":
-        gguf = Path(resolve_path(cfg.path))
-        if not gguf.is_file():
-            raise ConfigError(f"model.path: GGUF file '{cfg.path}' does not exist")
-        key = "gguf-" + stable_hash(file_identity(gguf))
-
-        def convert(out: Path) -> None:
-            check_gguf(gguf, cfg.path)  # only before converting: the cached copy was checked then
-            _convert_gguf(gguf, out)
-
-        return str(cached_dir(cfg.cache_dir, key, convert))
+        return _materialize_gguf(cfg)
     corpus = expand_files(cfg.tokenizer_corpus, "model.tokenizer_corpus")
     key = "config-" + stable_hash([cfg.architecture, cfg.tokenizer_vocab_size, cfg.init_seed,
                                    [file_identity(p) for p in corpus]])
-    return str(cached_dir(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out)))
+    return _cached_model(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out))
 
 
-def check_hf_dir(path: Path, named: str) -> None:
+def _materialize_gguf(cfg: ModelConfig) -> str:
+    """A GGUF file (local or a URI), converted once into the model cache."""
+    if is_uri(cfg.path):
+        found = storage.info(cfg.path)
+        if found.type != pafs.FileType.File:
+            raise ConfigError(f"model.path: GGUF file '{cfg.path}' does not exist")
+        identity = [cfg.path, found.size, found.mtime_ns]
+    else:
+        gguf = Path(resolve_path(cfg.path))
+        if not gguf.is_file():
+            raise ConfigError(f"model.path: GGUF file '{cfg.path}' does not exist")
+        identity = file_identity(gguf)
+    key = "gguf-" + stable_hash(identity)
+
+    def convert(out: Path) -> None:
+        local = _local_gguf(cfg.path, key)
+        check_gguf(local, cfg.path)  # only before converting: the cached copy was checked then
+        _convert_gguf(local, out, cfg.path)
+
+    return _cached_model(cfg.cache_dir, key, convert)
+
+
+def _local_gguf(path: str, key: str) -> Path:
+    """The GGUF file on local disk: itself, or a download kept in this node's cache (by its identity)."""
+    if not is_uri(path):
+        return Path(resolve_path(path))
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    folder = cached_dir(storage.local_cache_root(), f"{key}-file",
+                        lambda out: storage.download_file(path, out / name))
+    return folder / name
+
+
+def _cached_model(cache_dir: str, key: str, build: Callable[[Path], None]) -> str:
+    """`cache_dir/key`, built first if missing. In object storage, an entry is complete when its
+    config.json exists (uploaded last, object stores have no rename): a cache hit costs one request
+    and downloads nothing; a miss builds on local disk and uploads."""
+    if not is_uri(cache_dir):
+        return str(cached_dir(cache_dir, key, build))
+    entry = storage.join(cache_dir, key)
+    if storage.exists(storage.join(entry, COMPLETE_MARKER)):
+        return entry
+    root = storage.local_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"build-{key}-", dir=root) as built:
+        build(Path(built))
+        upload_model_dir(Path(built), entry)
+    return entry
+
+
+def upload_model_dir(local_dir: Path, location: str) -> None:
+    """Store a local HF directory at a URI, config.json last: a reader who finds it finds everything."""
+    storage.upload_dir(local_dir, location, last=[COMPLETE_MARKER])
+
+
+def local_model(model_ref: str, weights: bool = True) -> str:
+    """A reference `from_pretrained` can read on this node: a URI becomes this node's local copy,
+    with the weights only if `weights` (cheap once the copy exists: one listing)."""
+    return storage.localize(model_ref, None if weights else _small_file) if is_uri(model_ref) else model_ref
+
+
+def _small_file(relative: str) -> bool:
+    return not relative.endswith(WEIGHT_SUFFIXES)
+
+
+def check_hf_dir(location: str | Path, named: str) -> None:
     """A readable config and complete weight files, checked before any worker loads them (a truncated
     download otherwise fails inside every Ray worker at once, with a deep traceback)."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
+    location = str(location)
+    if not storage.exists(storage.join(location, COMPLETE_MARKER)):  # before copying anything from a URI
+        raise ConfigError(f"model.path: '{named}' is not a Hugging Face model directory (no config.json)")
+    path = Path(local_model(location))
     try:
         AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any failure here means an unusable config.json
@@ -67,7 +137,8 @@ def check_hf_dir(path: Path, named: str) -> None:
             with safe_open(str(file), "pt"):
                 pass
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"model.path: '{named}/{file.name}' is corrupt or truncated ({_first_line(exc)})") from None
+            raise ConfigError(f"model.path: '{named}/{file.name}' is corrupt or truncated "
+                              f"({_first_line(exc)})") from None
 
 
 def check_gguf(path: Path, named: str) -> None:
@@ -87,7 +158,7 @@ def _first_line(error: Exception) -> str:
 def load_tokenizer(model_ref: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_ref)
+    tokenizer = AutoTokenizer.from_pretrained(local_model(model_ref, weights=False))
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"model.path: the tokenizer of '{model_ref}' has no EOS token; packing needs one")
     return tokenizer
@@ -96,14 +167,14 @@ def load_tokenizer(model_ref: str):
 def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_ref, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(local_model(model_ref), dtype=dtype)
 
 
 def max_positions(model_ref: str) -> int | None:
     """The longest sequence the model's position embeddings allow, if its config says."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_ref)
+    config = AutoConfig.from_pretrained(local_model(model_ref, weights=False))
     for name in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, name, None)
         if isinstance(value, int):
@@ -112,8 +183,9 @@ def max_positions(model_ref: str) -> int | None:
 
 
 def hf_dir_fingerprint(model_ref: str) -> str:
-    """Fingerprint of a tokenizer: the content of its files (or the hub id when remote)."""
-    path = Path(model_ref)
+    """Fingerprint of a tokenizer: the content of its files (or the hub id when remote). A URI's is
+    its local copy's, so a model fingerprints the same in a bucket and on disk."""
+    path = Path(local_model(model_ref, weights=False))
     if not path.is_dir():
         return stable_hash(["hub", model_ref])
     digest = hashlib.sha256()
@@ -124,7 +196,7 @@ def hf_dir_fingerprint(model_ref: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, named: str) -> None:
     """Dequantize a GGUF once into safetensors. A GGUF-loaded model cannot save_pretrained itself,
     so rebuild a clean model from its config (without quantization_config) and copy the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -144,7 +216,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         raise RuntimeError(f"GGUF conversion of {gguf} lost weights: {mismatched[:5]}")
     clean.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "pipeline_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+    (out / "pipeline_source.json").write_text(json.dumps({"gguf": named}))
 
 
 def _build_from_config(cfg: ModelConfig, corpus: list[Path], out: Path) -> None:

@@ -1,27 +1,40 @@
 """Checkpoint integrity: a manifest per rank commits a checkpoint, and resuming picks the newest
 checkpoint whose manifests verify, warning about (and skipping) any newer one that does not.
 
-How a checkpoint is written: each rank saves its DeepSpeed files into its own temporary directory,
-writes its manifest (every file's size and SHA-256) last with an atomic rename, and hands the
-directory to Ray Train, which copies the ranks' directories into one `checkpoint_*` directory in
-storage and registers it. A crash at any point leaves either no manifest or files that do not match
-one, so a partial or corrupted checkpoint is detected instead of being loaded.
+How a checkpoint is written: each rank saves its DeepSpeed files into its own local temporary
+directory and writes its manifest (every file's size and SHA-256) there. Its upload (the worker's
+`checkpoint_upload_fn` for Ray Train) then copies the files into the run's `checkpoint_*` directory,
+on local disk or in object storage, the manifest after all the others: object stores have no
+rename, so the manifest written last is the commit. A crash at any point leaves either no manifest
+or files that do not match one, so a partial or corrupted checkpoint is detected instead of loaded.
+
+Every function here takes a location: a local path or an object-storage URI (`s3://`, `gs://`).
+A checkpoint is read with one listing (which gives every file's size), one read per manifest, and
+one streamed read per file for its hash; nothing is asked file by file that the listing answers.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import fnmatch
 import json
-import logging
 import os
+import posixpath
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from pipeline import storage
+from pipeline.config import is_uri
 
 TAG_FILE = "pipeline_tag"
 MANIFEST = "pipeline_manifest.rank{rank}.json"
 MANIFEST_GLOB = "pipeline_manifest.rank*.json"
+
+Location = str | os.PathLike  # a local path or a URI
 
 
 class CheckpointError(RuntimeError):
@@ -30,123 +43,180 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Skipped:
-    path: Path
+    path: str  # the checkpoint's location
     problem: str
 
 
 def write_manifest(directory: Path, rank: int, world_size: int, tick: int) -> None:
-    """Record this rank's files (everything in `directory` but manifests), then commit atomically."""
-    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    """Record this rank's files (everything in the local `directory` but manifests), then commit atomically."""
+    files = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": storage.sha256(str(p))}
              for p in sorted(directory.rglob("*")) if p.is_file() and not p.match(MANIFEST_GLOB)}
     manifest = {"tick": tick, "rank": rank, "world_size": world_size, "files": files}
-    final = directory / MANIFEST.format(rank=rank)
-    temporary = final.with_suffix(".tmp")
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, final)
+    storage.write_text(str(directory / MANIFEST.format(rank=rank)), json.dumps(manifest, indent=1))
 
 
-def problem_with(directory: Path) -> str | None:
-    """Why `directory` is not a complete pipeline checkpoint, or None if every manifest verifies."""
-    if not directory.is_dir():
-        return "not a directory"
-    manifests = sorted(directory.glob(MANIFEST_GLOB))
-    if not manifests:
-        return "no manifest (partial, or not written by this pipeline)"
-    try:
-        loaded = [json.loads(p.read_text()) for p in manifests]
-    except (OSError, ValueError) as exc:
-        return f"unreadable manifest ({exc})"
-    world_size = loaded[0]["world_size"]
-    missing = sorted(set(range(world_size)) - {m["rank"] for m in loaded})
-    if missing:
-        return f"no manifest from rank(s) {', '.join(map(str, missing))} of {world_size}"
-    for manifest in loaded:
-        for name, expected in manifest["files"].items():
-            path = directory / name
-            if not path.is_file():
-                return f"{name} is missing"
-            if path.stat().st_size != expected["size"]:
-                return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
-            if _sha256(path) != expected["sha256"]:
-                return f"{name} does not match its SHA-256 in the manifest"
-    return None
+class _Stored:
+    """One checkpoint directory as one listing saw it; its manifests are read once, when first asked."""
 
+    def __init__(self, location: str):
+        self.location = location
+        self.files = _files(location)
 
-def checkpoint_tick(directory: Path) -> int | None:
-    for manifest in sorted(directory.glob(MANIFEST_GLOB)):
+    @cached_property
+    def manifests(self) -> list[dict | str]:
+        """Each top-level manifest, by name: its content, or why it could not be read."""
+        loaded = []
+        for name in sorted(n for n in self.files if "/" not in n and fnmatch.fnmatchcase(n, MANIFEST_GLOB)):
+            try:
+                loaded.append(json.loads(storage.read_text(self.files[name].location)))
+            except (OSError, ValueError) as exc:
+                loaded.append(f"unreadable manifest ({exc})")
+        return loaded
+
+    @cached_property
+    def tick(self) -> int | None:
+        for manifest in self.manifests:
+            try:
+                return int(manifest["tick"])
+            except (TypeError, ValueError, KeyError):
+                continue
+        return None
+
+    @cached_property
+    def order(self) -> tuple[float, str]:
+        """Newest first by tick, which a node's clock cannot disturb (Ray names checkpoints by wall-clock
+        time). A directory whose tick cannot be read yet (cut short before its tag or manifest) counts as
+        the newest, so that it is checked, and named, before an older one is used."""
+        tick = self.tick
+        if tick is None and TAG_FILE in self.files:
+            try:
+                tick = int(storage.read_text(self.files[TAG_FILE].location).strip().removeprefix("tick-"))
+            except (OSError, ValueError):
+                tick = None
+        return (float("inf") if tick is None else float(tick), posixpath.basename(self.location))
+
+    def problem(self) -> str | None:
+        if not self.files and not storage.is_dir(self.location):
+            return "not a directory"
+        if not self.manifests:
+            return "no manifest (partial, or not written by this pipeline)"
+        unreadable = next((m for m in self.manifests if isinstance(m, str)), None)
+        if unreadable:
+            return unreadable
         try:
-            return int(json.loads(manifest.read_text())["tick"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
+            world_size = self.manifests[0]["world_size"]
+            missing = sorted(set(range(world_size)) - {m["rank"] for m in self.manifests})
+            expected = [(name, entry["size"], entry["sha256"]) for m in self.manifests
+                        for name, entry in m["files"].items()]
+        except (KeyError, TypeError) as exc:
+            return f"unreadable manifest (no {exc})"
+        if missing:
+            return f"no manifest from rank(s) {', '.join(map(str, missing))} of {world_size}"
+        for name, size, _ in expected:  # the listing answers these: no request per file
+            if name not in self.files:
+                return f"{name} is missing"
+            if self.files[name].size != size:
+                return f"{name} has {self.files[name].size} bytes, the manifest says {size}"
+        names = list(dict.fromkeys(name for name, _, _ in expected))  # a file two ranks list is read once
+        with ThreadPoolExecutor(storage.TRANSFER_THREADS) as pool:
+            digests = dict(zip(names, pool.map(storage.sha256, [self.files[n].location for n in names]), strict=True))
+        for name, _, sha256 in expected:
+            if digests[name] != sha256:
+                return f"{name} does not match its SHA-256 in the manifest"
+        return None
 
 
-def choose_checkpoint(path: Path) -> tuple[Path, list[Skipped]]:
-    """The newest valid checkpoint at `path`, which is either a checkpoint directory (then older
+def problem_with(location: Location) -> str | None:
+    """Why `location` is not a complete pipeline checkpoint, or None if every manifest verifies."""
+    return _Stored(storage.resolve(os.fspath(location))).problem()
+
+
+def checkpoint_tick(location: Location) -> int | None:
+    return _Stored(storage.resolve(os.fspath(location))).tick
+
+
+def choose_checkpoint(location: Location) -> tuple[str, list[Skipped]]:
+    """The newest valid checkpoint at `location`, which is either a checkpoint directory (then older
     siblings are the fallbacks) or a run directory holding `checkpoint_*` directories."""
-    path = path.resolve()
-    if _looks_like_checkpoint(path):
-        given = _order(path)
-        candidates = [path] + [p for p in _newest_first(_checkpoints_in(path.parent)) if _order(p) < given]
-    else:
-        candidates = _newest_first(_checkpoints_in(path))
-        if not candidates:
-            raise CheckpointError(f"{path} holds no checkpoint directories")
-    skipped = []
-    for candidate in candidates:
-        problem = problem_with(candidate)
-        if problem is None:
-            return candidate, skipped
-        skipped.append(Skipped(candidate, problem))
-    raise CheckpointError("no valid checkpoint: " + "; ".join(f"{s.path}: {s.problem}" for s in skipped))
+    location = storage.resolve(os.fspath(location))
+    given = _Stored(location)
+    if _looks_like_checkpoint(given):
+        older = [c for c in _checkpoints_in(posixpath.dirname(location)) if c.order < given.order]
+        return _first_valid([given, *_newest_first(older)])
+    candidates = _newest_first(_checkpoints_in(location))
+    if not candidates:
+        raise CheckpointError(f"{location} holds no checkpoint directories")
+    return _first_valid(candidates)
 
 
-def resume_point(run_dir: Path | None, resume_from: str | None) -> tuple[str | None, list[str]]:
+def resume_point(run_dir: Location | None, resume_from: str | None) -> tuple[str | None, list[str]]:
     """Where a worker group resumes: the newest valid checkpoint of its own run (after a restart),
     else `resume_from`, else a fresh start (None); plus warnings naming what was skipped. A run
     whose only checkpoints are all damaged starts over from `resume_from` rather than failing every
     restart."""
-    if run_dir is None or not _checkpoints_in(run_dir):
+    candidates = _newest_first(_checkpoints_in(storage.resolve(os.fspath(run_dir)))) if run_dir else []
+    if not candidates:
         return resume_from, []
     try:
-        chosen, skipped = choose_checkpoint(run_dir)
+        chosen, skipped = _first_valid(candidates)
     except CheckpointError as error:
         fallback = f"train.resume_from ({resume_from})" if resume_from else "tick 0"
         return resume_from, [f"warning: {error}; starting again from {fallback}"]
-    return str(chosen), [describe_fallback(chosen, skipped)] if skipped else []
+    return chosen, [describe_fallback(chosen, skipped)] if skipped else []
 
 
-def describe_fallback(chosen: Path, skipped: list[Skipped]) -> str:
+def describe_fallback(chosen: Location, skipped: list[Skipped]) -> str:
     bad = "; ".join(f"{s.path} is corrupt or partial ({s.problem})" for s in skipped)
-    return f"warning: {bad}; resuming from {chosen} (tick {checkpoint_tick(chosen)}) instead"
+    return f"warning: {bad}; resuming from {os.fspath(chosen)} (tick {checkpoint_tick(chosen)}) instead"
 
 
-def _looks_like_checkpoint(path: Path) -> bool:
-    return (path / TAG_FILE).exists() or any(path.glob(MANIFEST_GLOB)) or path.name.startswith("checkpoint_")
+@contextlib.contextmanager
+def local_checkpoint(location: str) -> Iterator[Path]:
+    """The checkpoint at `location` as a local directory while the block runs: itself when local,
+    else a download into this node's local cache, removed afterwards (DeepSpeed reads local files)."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    root = storage.local_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="checkpoint-", dir=root) as directory:
+        storage.download_dir(location, Path(directory))
+        yield Path(directory)
 
 
-def _checkpoints_in(directory: Path) -> list[Path]:
-    return [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")] \
-        if directory.is_dir() else []
+def _first_valid(candidates: list[_Stored]) -> tuple[str, list[Skipped]]:
+    skipped = []
+    for candidate in candidates:
+        problem = candidate.problem()
+        if problem is None:
+            return candidate.location, skipped
+        skipped.append(Skipped(candidate.location, problem))
+    raise CheckpointError("no valid checkpoint: " + "; ".join(f"{s.path}: {s.problem}" for s in skipped))
 
 
-def _newest_first(paths: list[Path]) -> list[Path]:
-    return sorted(paths, key=_order, reverse=True)
+def _files(location: str) -> dict[str, storage.StoredFile]:
+    return {f.relative: f for f in _listed(storage.list_files, location)}
 
 
-def _order(path: Path) -> tuple[float, str]:
-    """Newest first by tick, which a node's clock cannot disturb (Ray names checkpoints by wall-clock
-    time). A directory whose tick cannot be read yet (cut short before its tag or manifest) counts as
-    the newest, so that it is checked, and named, before an older one is used."""
-    tick = checkpoint_tick(path)
-    if tick is None:
-        try:
-            tick = int((path / TAG_FILE).read_text().strip().removeprefix("tick-"))
-        except (OSError, ValueError):
-            tick = None
-    return (float("inf") if tick is None else float(tick), path.name)
+def _listed(list_below, location: str) -> list:
+    """`list_below(location)`, or [] where a local file stands (nothing is below it)."""
+    try:
+        return list_below(location)
+    except storage.StorageError:
+        if storage.is_dir(location):  # a real failure (refused, unreachable): let it be named
+            raise
+        return []
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+def _looks_like_checkpoint(stored: _Stored) -> bool:
+    return TAG_FILE in stored.files or bool(stored.manifests) or \
+        posixpath.basename(stored.location).startswith("checkpoint_")
+
+
+def _checkpoints_in(directory: str) -> list[_Stored]:
+    return [_Stored(d) for d in _listed(storage.subdirectories, directory)
+            if posixpath.basename(d).startswith("checkpoint_")]
+
+
+def _newest_first(checkpoints: list[_Stored]) -> list[_Stored]:
+    return sorted(checkpoints, key=lambda c: c.order, reverse=True)

@@ -1,20 +1,62 @@
-"""Turn a (possibly ZeRO-partitioned) DeepSpeed checkpoint into a plain HF model directory."""
+"""Turn a (possibly ZeRO-partitioned) DeepSpeed checkpoint into a plain HF model directory, stored
+beside the run: `<train.output_dir>/<run>/model` on local disk or in object storage."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.cache import cached_dir
-
+from pipeline import storage
+from pipeline.cache import cached_dir, stable_hash
+from pipeline.config import is_uri
+from pipeline.train.checkpoints import CheckpointError, local_checkpoint, problem_with
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ExportedModel:
+    local_dir: Path  # a HF directory on this machine (MLflow logs the model from it)
+    location: str  # where it is stored: local_dir itself, or the object-storage URI it was uploaded to
+
+
+def export_model(checkpoint: str, model_ref: str, location: str) -> ExportedModel:
+    """Verify the final checkpoint, rebuild full weights from it on this machine, and store the HF
+    directory at `location` (a URI gets an upload whose config.json comes last, so that a reader who
+    finds config.json finds a complete model). An export never overwrites another run's model."""
+    location = storage.resolve(location)
+    if storage.exists(location):
+        raise FileExistsError(f"{location} already exists; an export never overwrites another run's model")
+    started = time.perf_counter()
+    local_dir = _staging_dir(location) if is_uri(location) else Path(location)
+    with local_checkpoint(checkpoint) as directory:
+        problem = problem_with(directory)  # a downloaded copy is checked as it was read: one read in all
+        if problem:
+            raise CheckpointError(f"the final checkpoint {checkpoint} is corrupt or partial: {problem}")
+        export_hf_model(directory, model_ref, local_dir)
+    if is_uri(location):
+        from pipeline.models.load import upload_model_dir
+
+        upload_model_dir(local_dir, location)
+    log.info("exported consolidated model to %s in %.1fs", location, time.perf_counter() - started)
+    return ExportedModel(local_dir=local_dir, location=location)
+
+
+def _staging_dir(location: str) -> Path:
+    """This node's local copy of a model exported to object storage. Only an earlier export to the
+    same location, which failed before its upload ended, can have left one: it is replaced."""
+    staging = storage.local_cache_root() / "exports" / stable_hash(location)
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (0 stores them whole)."""
+    """Full fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage (0 stores them whole)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (checkpoint_dir / "pipeline_tag").read_text().strip()
@@ -25,7 +67,7 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
-    """Write the trained weights, config and tokenizer as a HF directory (atomically)."""
+    """Write the trained weights, config and tokenizer as a local HF directory (atomically)."""
     from pipeline.models import load_causal_lm, load_tokenizer
 
     state = consolidated_state_dict(checkpoint_dir)

@@ -9,12 +9,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedData, prepare_data
 from pipeline.models import materialize_model, max_positions
-from pipeline.tracking.secrets import redact
 from pipeline.runtime import ensure_ray
-from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, problem_with
+from pipeline.tracking.secrets import redact
+from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback
+from pipeline.train.export import export_model
 from pipeline.train.worker import WorkerPlan, train_worker
 
 log = logging.getLogger(__name__)
@@ -57,16 +59,23 @@ class TrainOutcome:
     tracking_uri: str
     run_name: str
     metrics: dict
-    model_dir: Path
-    model_uri: str | None
-    checkpoint_dir: Path
+    model_dir: Path  # the exported HF directory on this machine
+    model_location: str  # where it is stored: model_dir itself, or its URI under train.output_dir
+    model_uri: str | None  # MLflow's
+    checkpoint: str  # the final checkpoint's location (local path or URI)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The final checkpoint as a local path (when train.output_dir is not object storage)."""
+        return storage.local_path(self.checkpoint)
 
     def summary(self) -> str:
         m = self.metrics
         lines = [
             f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
             f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}",
-            f"model: {self.model_dir}",
+            f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
+                                               if self.model_location != str(self.model_dir) else ""),
             f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
             f"  browse: mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 --port 5000",
         ]
@@ -91,11 +100,11 @@ def resolve_resume(cfg: Config) -> Config:
     checkpoint that verifies, warning about any newer one that is corrupt or partial."""
     if cfg.train.resume_from is None:
         return cfg
-    path = Path(cfg.train.resume_from)
-    if not path.is_dir():
-        raise ConfigError(f"train.resume_from: {path} is not a directory")
+    location = cfg.train.resume_from  # a local path or a URI
+    if not storage.is_dir(location):
+        raise ConfigError(f"train.resume_from: {location} is not a directory")
     try:
-        chosen, skipped = choose_checkpoint(path)
+        chosen, skipped = choose_checkpoint(location)
     except CheckpointError as error:
         raise ConfigError(f"train.resume_from: {error}") from None
     if skipped:
@@ -144,17 +153,19 @@ def run_training(cfg: Config) -> TrainOutcome:
     # Ray Train resumes a run whose name it finds in storage, and run names repeat (a fixed
     # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"
+    output = storage.resolve(cfg.train.output_dir)
     status = "FAILED"
     try:
-        result = fit(cfg, model_ref, data, tracker.target, run_key, Path(cfg.train.output_dir).resolve() / "ray")
-        checkpoint_dir = Path(result.checkpoint.path)
-        model_dir = export_model(checkpoint_dir, model_ref, Path(cfg.train.output_dir).resolve() / run_key / "model")
-        model_uri = (tracking.log_hf_model(tracker, model_dir, cfg.tracking.max_new_tokens)
+        storage_location = storage.join(output, "ray")
+        result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
+        checkpoint = stored_checkpoint(result, storage_location)
+        model = export_model(checkpoint, model_ref, storage.join(output, run_key, "model"))
+        model_uri = (tracking.log_hf_model(tracker, model.local_dir, cfg.tracking.max_new_tokens)
                      if cfg.tracking.log_model else None)
         status = "FINISHED"
         return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
-                            metrics=dict(result.metrics), model_dir=model_dir, model_uri=model_uri,
-                            checkpoint_dir=checkpoint_dir)
+                            metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
+                            model_uri=model_uri, checkpoint=checkpoint)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -162,31 +173,36 @@ def run_training(cfg: Config) -> TrainOutcome:
         tracking.end_run(tracker, status)
 
 
-def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_path: Path,
+def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None):
-    """Run the TorchTrainer; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
-    import ray.data
+    """Run the TorchTrainer, storing its run at `<storage_location>/<storage_name>` (a local path or a
+    URI); `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    train_ds = ray.data.read_parquet(str(data.split_dir("train")))
+    train_ds = _read_split(data, "train")
     if t.shuffle:
         train_ds = train_ds.random_shuffle(seed=t.seed)
     # A bounded eval subset, identical on every evaluation: eval_batches micro batches per worker.
-    eval_ds = ray.data.read_parquet(str(data.split_dir("eval"))).limit(t.eval_batches * t.micro_batch_size * t.num_workers)
+    eval_ds = _read_split(data, "eval").limit(t.eval_batches * t.micro_batch_size * t.num_workers)
     # Keep the stored block order (deterministic runs); everything else as Ray Train's defaults.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
+    storage_location = storage.resolve(storage_location)
     plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, seq_len=data.seq_len,
-                      run_dir=storage_path / storage_name)
+                      run_dir=storage.join(storage_location, storage_name))
+    # Ray takes a path inside a filesystem (a bucket's key, not a URI) plus the filesystem: ours, so
+    # that Ray and this pipeline reach the same endpoint with the same settings.
+    filesystem, storage_path = storage.filesystem(storage_location)
     trainer = TorchTrainer(
         functools.partial(train_worker, plan),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=storage_name,
-            storage_path=str(storage_path),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
@@ -200,14 +216,13 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
         raise TrainingFailed(describe_failure(error)) from error
 
 
-def export_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
-    from pipeline.train.export import export_hf_model
+def stored_checkpoint(result, storage_location: str) -> str:
+    """The location of a fit's final checkpoint (Ray reports a path inside the storage filesystem)."""
+    return storage.to_location(storage.resolve(storage_location), result.checkpoint.path)
 
-    problem = problem_with(checkpoint_dir)
-    if problem:
-        raise CheckpointError(f"the final checkpoint {checkpoint_dir} is corrupt or partial: {problem}")
-    started = time.perf_counter()
-    model_dir = export_hf_model(checkpoint_dir, model_ref, out_dir)
-    log.info("exported consolidated model to %s in %.1fs", model_dir, time.perf_counter() - started)
-    return model_dir
 
+def _read_split(data: PreparedData, split: str):
+    import ray.data
+
+    filesystem, path = storage.filesystem(str(data.split_dir(split)))
+    return ray.data.read_parquet(path, filesystem=filesystem)

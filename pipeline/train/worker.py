@@ -7,8 +7,10 @@ checkpoints, because each of them is a collective under ZeRO.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, NoiseConfig
+from pipeline import storage
+from pipeline.config import Config, NoiseConfig, is_uri
 from pipeline.noise import NoiseContext, noise_context, sigma_at
 from pipeline.tracking import NullTracker, RunTarget
 from pipeline.tracking.buffer import BufferedTracker
 from pipeline.tracking.secrets import redact
-from pipeline.train.checkpoints import CheckpointError, TAG_FILE, problem_with, resume_point, write_manifest
+from pipeline.train.checkpoints import MANIFEST, TAG_FILE, local_checkpoint, resume_point, write_manifest
 from pipeline.train.clock import TickClock, check_ticks_agree
-from pipeline.train.tick_log import TickLog
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
+from pipeline.train.tick_log import TickLog
 
 CHECKPOINT_TAG = "tick-{tick:06d}"
 
@@ -34,10 +37,12 @@ class WorkerPlan:
     """Everything a worker needs, resolved by the driver before Ray Train starts."""
 
     config: Config
-    model_ref: str  # a local HF directory (or hub id)
+    model_ref: str  # a HF directory: local, or a URI each node copies from (or a hub id)
     run: RunTarget | None
     seq_len: int
-    run_dir: Path | None = None  # where Ray Train stores this run's checkpoints (shared by all nodes)
+    # Where Ray Train stores this run's checkpoints, which this worker uploads itself: a URI, or a
+    # local path every node shares. Canonical (storage.resolve): checkpoints are compared with it.
+    run_dir: str
 
 
 def train_worker(plan: WorkerPlan) -> None:
@@ -47,6 +52,7 @@ def train_worker(plan: WorkerPlan) -> None:
 
     from pipeline.models import load_causal_lm, patch_norms_with_report
 
+    storage.configure(plan.config.storage)  # a worker process has the driver's settings only through the plan
     cfg = plan.config.train
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -68,16 +74,16 @@ def train_worker(plan: WorkerPlan) -> None:
     clock = TickClock()
     first_eval = None
     carried = []  # metrics rank 0 had not sent when the checkpoint was written
-    with _checkpoint_to_resume(plan, say) as directory:
+    with _checkpoint_to_resume(plan, say) as (location, directory):
         if directory:
-            _, client_state = engine.load_checkpoint(directory)
-            say(f"[pipeline] resumed from {directory} at tick {client_state['clock']['tick']}")
+            _, client_state = engine.load_checkpoint(str(directory))
+            say(f"[pipeline] resumed from {location} at tick {client_state['clock']['tick']}")
             clock.load_state_dict(client_state["clock"])
             first_eval = client_state.get("first_eval")
-            if plan.run_dir is not None and Path(directory).is_relative_to(plan.run_dir):  # this run's own
+            if location.startswith(plan.run_dir.rstrip("/") + "/"):  # this run's own checkpoint
                 carried = client_state.get("unsent_metrics", [])
 
-    tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, Path(cfg.output_dir).resolve())
+    tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, _spill_dir(cfg.output_dir))
                if rank == 0 and plan.run else NullTracker())
     say(f"[pipeline] fused norms: {norms.summary()}")
     tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
@@ -158,42 +164,44 @@ def _train(plan: WorkerPlan, engine, scheduler, clock: TickClock, first_eval: di
             say(_progress_line(metrics, cfg.max_ticks))
         checkpoint_due = (cfg.checkpoint_every and clock.tick % cfg.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
-            _report(engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due,
+            _report(plan, engine, clock, first_eval, metrics, with_checkpoint=checkpoint_due,
                     unsent=ticks.unsent() if checkpoint_due else [])
 
 
 @contextlib.contextmanager
 def _checkpoint_to_resume(plan: WorkerPlan, say):
-    """The directory to resume from, verified against its manifests, or None for a fresh start.
+    """(location, local directory) of the checkpoint to resume from, verified against its manifests,
+    or (None, None) for a fresh start.
 
     First choice: the newest valid checkpoint in this run's own storage (after a restart). Looking
     there, rather than only at the checkpoint Ray registered, also finds one every rank had finished
-    writing when a worker died just before Ray registered it. Rank 0 chooses (hashing every file
-    once, not once per rank) and tells the others, so all ranks load the same one. Then Ray's
-    registered checkpoint on storage Ray reads remotely, then train.resume_from."""
+    uploading when a worker died just before Ray registered it. Rank 0 chooses (hashing every file
+    once, not once per rank) and tells the others, so all ranks load the same one; else
+    train.resume_from (verified by the driver). Every rank then reads it from a local copy: DeepSpeed
+    loads every rank's ZeRO shards, so each rank downloads the whole checkpoint when it is remote."""
     import ray.train
     import torch.distributed as dist
 
-    local = plan.run_dir is not None and plan.run_dir.exists()
-    if local:
-        decision = [None, []]
-        if ray.train.get_context().get_world_rank() == 0:
-            decision = list(resume_point(plan.run_dir, plan.config.train.resume_from))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(decision, src=0)
-        for warning in decision[1]:
-            say(f"[pipeline] {warning}")
-        yield decision[0]
+    decision = [None, []]
+    if ray.train.get_context().get_world_rank() == 0:
+        decision = list(resume_point(plan.run_dir, plan.config.train.resume_from))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    location, warnings = decision
+    for warning in warnings:
+        say(f"[pipeline] {warning}")
+    if location is None:
+        yield None, None
         return
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        yield plan.config.train.resume_from
-        return
-    with checkpoint.as_directory() as directory:
-        problem = problem_with(Path(directory))
-        if problem:
-            raise CheckpointError(f"checkpoint {checkpoint.path} is corrupt or partial: {problem}")
-        yield directory
+    with local_checkpoint(location) as directory:
+        yield location, directory
+
+
+def _spill_dir(output_dir: str) -> Path:
+    """Where rank 0 writes tracking records it could not send: beside the checkpoints when they are
+    on local or shared disk; on this node's local disk when they are in object storage (the warning
+    that names the file says on which node)."""
+    return storage.local_cache_root() / "unsent-tracking" if is_uri(output_dir) else Path(output_dir).resolve()
 
 
 def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,
@@ -247,7 +255,7 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
     return float(value) / world
 
 
-def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_checkpoint: bool,
+def _report(plan: WorkerPlan, engine, clock: TickClock, first_eval: dict, metrics: dict, with_checkpoint: bool,
             unsent: list) -> None:
     import ray.train
 
@@ -256,14 +264,29 @@ def _report(engine, clock: TickClock, first_eval: dict, metrics: dict, with_chec
         ray.train.report(report)
         return
     tag = CHECKPOINT_TAG.format(tick=clock.tick)
+    context = ray.train.get_context()
     with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
         engine.save_checkpoint(directory, tag=tag,
                                client_state={"clock": clock.state_dict(), "first_eval": first_eval,
                                              "unsent_metrics": unsent})
         Path(directory, TAG_FILE).write_text(tag)
-        context = ray.train.get_context()
         write_manifest(Path(directory), context.get_world_rank(), context.get_world_size(), clock.tick)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_upload_fn=functools.partial(_upload, plan.run_dir, context.get_world_rank()))
+
+
+def _upload(run_dir: str, rank: int, checkpoint, checkpoint_dir_name: str):
+    """Ray's checkpoint_upload_fn: this rank's files into `<run_dir>/<checkpoint_dir_name>/`, its
+    manifest after all of them (the commit: object stores have no rename). Every rank uploads into
+    the same directory; Ray registers it once every rank's upload has returned."""
+    import ray.train
+
+    storage.upload_dir(Path(checkpoint.path), storage.join(run_dir, checkpoint_dir_name),
+                       last=[MANIFEST.format(rank=rank)])
+    # Ray manages (keeps K, deletes older) only checkpoints on its own storage filesystem object.
+    ray_storage = ray.train.get_context().get_storage()
+    return ray.train.Checkpoint(path=posixpath.join(ray_storage.experiment_fs_path, checkpoint_dir_name),
+                                filesystem=ray_storage.storage_filesystem)
 
 
 def _progress_line(metrics: dict, total: int) -> str:

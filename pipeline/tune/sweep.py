@@ -4,19 +4,26 @@
     Optuna TPE or random, ASHA on eval loss by tick) -> trials table, CSV, plots, σ>0 vs σ=0 ->
     best trial's model exported, logged and registered
 
-The experiment directory (`sweep.storage_dir/<name>`) keeps Tune's state plus `sweep.json` (the
-parent run) and `sweep-config.yaml`, so `pipeline tune --resume DIR` continues an interrupted sweep.
+The experiment directory (`sweep.storage_dir/<name>`, a local path or a URI) keeps Tune's state
+plus `sweep.json` (the parent run), `sweep-config.yaml` and the report, so `pipeline tune --resume DIR`
+continues an interrupted sweep.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config, to_yaml
+import yaml
+from pydantic import ValidationError
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError, describe_error, to_yaml
 from pipeline.tracking import RunTarget, Tracker
 
 STATE_FILE = "sweep.json"
@@ -27,16 +34,21 @@ TRIAL_CPUS = 0.01  # the driver function only waits on its TorchTrainer; 0 is re
 @dataclass(frozen=True)
 class SweepOutcome:
     parent_run_id: str
-    experiment_dir: Path
+    experiment: str  # the experiment directory's location: a local path or a URI
     interrupted: bool
     table: str = ""
     verdict: str = ""
     registered: str | None = None
 
+    @property
+    def experiment_dir(self) -> Path:
+        """The experiment directory as a local path (when sweep.storage_dir is not object storage)."""
+        return storage.local_path(self.experiment)
+
     def summary(self) -> str:
         if self.interrupted:
             return (f"sweep interrupted; its finished trials are kept.\n"
-                    f"  continue: pipeline tune --resume {self.experiment_dir}")
+                    f"  continue: pipeline tune --resume {self.experiment}")
         lines = [self.table, "", self.verdict, f"MLflow parent run {self.parent_run_id}",
                  f"  trials:  pipeline runs --sweep {self.parent_run_id[:8]}"]
         if self.registered:
@@ -57,25 +69,26 @@ def check_sweep(cfg: Config) -> None:
                           f"({train.eval_every}): every result Tune sees must carry an eval loss")
 
 
-def run_sweep(cfg: Config | None = None, resume: Path | None = None) -> SweepOutcome:
-    """Run (or, with `resume`, continue) a sweep; returns what it found."""
+def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutcome:
+    """Run (or, with `resume`, an experiment directory's location, continue) a sweep; returns what it found."""
     from pipeline import tracking
     from pipeline.tracking.sweeps import reopen_run
     from pipeline.train.launch import check_against_data, prepare
 
     if resume is not None:
-        cfg, state = _load_state(resume)
+        experiment_dir = storage.resolve(str(resume))
+        cfg, state = _load_state(experiment_dir)
+        storage.configure(cfg.storage)  # the sweep's own settings from here on (its state was read with the defaults)
     check_sweep(cfg)
     model_ref, data = prepare(cfg)  # once for every trial: trials read the same packed cache
     print(data.summary(), flush=True)
     check_against_data(cfg, data)
     if resume is None:
         name = cfg.sweep.name or f"{cfg.tracking.experiment}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        experiment_dir = Path(cfg.sweep.storage_dir).resolve() / name
+        experiment_dir = storage.join(storage.resolve(cfg.sweep.storage_dir), name)
         parent = tracking.start_run(cfg, name, tags={"pipeline.role": "sweep"})
         _save_state(experiment_dir, cfg, parent.target)
     else:
-        experiment_dir = resume.resolve()
         parent = reopen_run(RunTarget(state["tracking_uri"], state["parent_run_id"]))
     results = None
     try:
@@ -101,25 +114,28 @@ def run_sweep(cfg: Config | None = None, resume: Path | None = None) -> SweepOut
     return outcome
 
 
-def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir: Path, resume: bool):
+def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir: str, resume: bool):
     from ray import tune
 
     from pipeline.tune.trial import TrialPlan, TrialRunStatus, run_trial
 
+    # The trials' Train runs go beside the experiment directory (Tune owns what is inside it).
     plan = TrialPlan(config=cfg, model_ref=model_ref, data=data, parent=parent,
-                     trials_dir=experiment_dir.parent / f"{experiment_dir.name}-trials")
+                     trials_dir=f"{experiment_dir}-trials")
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
+    # Tune, like Ray Train, takes a path inside a filesystem plus the filesystem (ours: same endpoint).
+    filesystem, fs_path = storage.filesystem(experiment_dir)
     if resume:
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(fs_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False, storage_filesystem=filesystem)
     param_space, first_points = _space(cfg)
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric="eval_loss", mode="min", search_alg=_searcher(cfg, first_points),
                                     scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials),
-        run_config=tune.RunConfig(name=experiment_dir.name, storage_path=str(experiment_dir.parent),
-                                  callbacks=[TrialRunStatus(parent)]),
+        run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
+                                  storage_filesystem=filesystem, callbacks=[TrialRunStatus(parent)]),
     )
 
 
@@ -138,7 +154,7 @@ def _searcher(cfg: Config, first_points: list[dict]):
 
             return OptunaSearch(points_to_evaluate=first_points, seed=cfg.sweep.seed)
         except ImportError as error:  # optuna is a dependency, but a trimmed install may lack it
-            warnings.warn(f"sweep.search: optuna unavailable ({error}); falling back to random search")
+            warnings.warn(f"sweep.search: optuna unavailable ({error}); falling back to random search", stacklevel=2)
     return BasicVariantGenerator(points_to_evaluate=first_points, random_state=cfg.sweep.seed)
 
 
@@ -152,16 +168,16 @@ def _scheduler(cfg: Config):
                          stop_last_trials=False)
 
 
-def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: Path, results) -> SweepOutcome:
+def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: str, results) -> SweepOutcome:
     from pipeline.tracking.sweeps import log_artifact
     from pipeline.tune.summary import collect_trials, format_table, verdict, write_csv, write_plots
 
     trials = collect_trials(parent.target)
     result = verdict(trials)
-    report_dir = experiment_dir / "report"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    for path in [write_csv(trials, report_dir / "trials.csv"), *write_plots(trials, report_dir)]:
-        log_artifact(parent, path)
+    with tempfile.TemporaryDirectory(prefix="sweep-report-") as report_dir:  # written here, then stored
+        for path in [write_csv(trials, Path(report_dir) / "trials.csv"), *write_plots(trials, Path(report_dir))]:
+            log_artifact(parent, path)
+        storage.upload_dir(Path(report_dir), storage.join(experiment_dir, "report"))
     best = result.best
     parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma, "best.train.lr": best.lr})
     metrics = {"best_eval_loss": best.eval_loss, "trials": len(trials)}
@@ -177,17 +193,18 @@ def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: Pat
 
 
 def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoint: str | None,
-                   experiment_dir: Path) -> str | None:
-    """Export the best trial's final checkpoint (reported by its driver), log it to its run, register it."""
+                   experiment_dir: str) -> str | None:
+    """Export the best trial's final checkpoint (its location, reported by its driver), log it to its
+    run, register it."""
     from pipeline.tracking import log_hf_model
     from pipeline.tracking.sweeps import register_model
-    from pipeline.train.launch import export_model
+    from pipeline.train.export import export_model
 
     if checkpoint is None or not cfg.tracking.log_model:
         return None
-    model_dir = export_model(Path(checkpoint), model_ref, experiment_dir / "best-model")
+    model = export_model(checkpoint, model_ref, storage.join(experiment_dir, "best-model"))
     best_run = Tracker(RunTarget(parent.target.uri, best.run_id))
-    model_uri = log_hf_model(best_run, model_dir, cfg.tracking.max_new_tokens)
+    model_uri = log_hf_model(best_run, model.local_dir, cfg.tracking.max_new_tokens)
     name = cfg.sweep.register_model or f"{cfg.tracking.experiment}-best"
     version = register_model(model_uri, name, {"sweep_id": parent.target.run_id, "noise.sigma": str(best.sigma),
                                                "train.lr": str(best.lr), "trial_id": best.trial_id},
@@ -196,15 +213,19 @@ def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoin
     return f"models:/{name}/{version}"
 
 
-def _save_state(experiment_dir: Path, cfg: Config, parent: RunTarget) -> None:
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    (experiment_dir / CONFIG_FILE).write_text(to_yaml(cfg))
-    (experiment_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent.run_id,
-                                                        "tracking_uri": parent.uri}))
+def _save_state(experiment_dir: str, cfg: Config, parent: RunTarget) -> None:
+    storage.write_text(storage.join(experiment_dir, CONFIG_FILE), to_yaml(cfg))
+    storage.write_text(storage.join(experiment_dir, STATE_FILE),
+                       json.dumps({"parent_run_id": parent.run_id, "tracking_uri": parent.uri}))
 
 
-def _load_state(experiment_dir: Path) -> tuple[Config, dict]:
-    state_file = experiment_dir / STATE_FILE
-    if not state_file.is_file():
+def _load_state(experiment_dir: str) -> tuple[Config, dict]:
+    state_file = storage.join(experiment_dir, STATE_FILE)
+    if not storage.exists(state_file):
         raise ConfigError(f"--resume: {experiment_dir} is not a sweep directory (no {STATE_FILE})")
-    return load_config(experiment_dir / CONFIG_FILE), json.loads(state_file.read_text())
+    config_file = storage.join(experiment_dir, CONFIG_FILE)
+    try:  # written by _save_state: a whole config (no `extends:`), so it is validated as it stands
+        cfg = Config.model_validate(yaml.safe_load(storage.read_text(config_file)))
+    except ValidationError as exc:
+        raise ConfigError(f"--resume: {config_file}: " + "; ".join(describe_error(e) for e in exc.errors())) from None
+    return cfg, json.loads(storage.read_text(state_file))

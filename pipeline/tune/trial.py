@@ -9,11 +9,11 @@ killed, so run statuses are set by `TrialRunStatus`, in the process that runs th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipeline import storage
 from pipeline.config import Config
 from pipeline.data import PreparedData
 from pipeline.tracking import RunTarget
@@ -31,12 +31,13 @@ class TrialPlan:
     model_ref: str
     data: PreparedData
     parent: RunTarget
-    trials_dir: Path
+    trials_dir: str  # where the trials' Train runs are stored: a local path or a URI
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
-    from pipeline.train.launch import fit
+    from pipeline.train.launch import fit, stored_checkpoint
 
+    storage.configure(plan.config.storage)  # a trial driver is a process of its own
     trial_id = tune.get_context().get_trial_id()
     cfg = plan.config.with_overrides(trial_overrides(params))
     tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}")
@@ -44,8 +45,8 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
     # its own checkpoints there and continues from them.
     result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
                  callbacks=[TuneReportCallback()])
-    tune.report({**(result.metrics or {}), COMPLETED: True, "checkpoint_path": result.checkpoint.path,
-                 "mlflow_run_id": tracker.target.run_id})
+    tune.report({**(result.metrics or {}), COMPLETED: True,
+                 "checkpoint_path": stored_checkpoint(result, plan.trials_dir), "mlflow_run_id": tracker.target.run_id})
 
 
 class TrialRunStatus(tune.Callback):

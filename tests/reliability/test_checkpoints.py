@@ -4,8 +4,16 @@ import json
 
 import pytest
 
-from pipeline.train.checkpoints import (MANIFEST, CheckpointError, checkpoint_tick, choose_checkpoint, resume_point,
-                                        describe_fallback, problem_with, write_manifest)
+from pipeline.train.checkpoints import (
+    MANIFEST,
+    CheckpointError,
+    checkpoint_tick,
+    choose_checkpoint,
+    describe_fallback,
+    problem_with,
+    resume_point,
+    write_manifest,
+)
 
 
 def make_checkpoint(run_dir, name, tick, world_size=2):
@@ -37,7 +45,7 @@ def test_a_complete_checkpoint_verifies_and_names_its_tick(run_dir):
     assert problem_with(newest) is None and checkpoint_tick(newest) == 6
     manifest = json.loads((newest / MANIFEST.format(rank=1)).read_text())
     assert set(manifest["files"]) == {"pipeline_tag", "tick-000006/rank1_states.pt"}
-    assert choose_checkpoint(run_dir) == (newest, [])
+    assert choose_checkpoint(run_dir) == (str(newest), [])  # locations: local paths or URIs
 
 
 @pytest.mark.parametrize("damage, problem", [
@@ -53,8 +61,8 @@ def test_damage_to_the_newest_falls_back_to_the_previous_with_a_warning(run_dir,
     damage(newest)
     assert problem in problem_with(newest)
     chosen, skipped = choose_checkpoint(run_dir)
-    assert chosen == run_dir / "checkpoint_2026-11-24_10-00-01.000000"
-    assert [s.path for s in skipped] == [newest]
+    assert chosen == str(run_dir / "checkpoint_2026-11-24_10-00-01.000000")
+    assert [s.path for s in skipped] == [str(newest)]
     warning = describe_fallback(chosen, skipped)
     assert f"{newest} is corrupt or partial" in warning and "(tick 4) instead" in warning
 
@@ -63,7 +71,8 @@ def test_a_named_checkpoint_falls_back_only_to_older_ones(run_dir):
     middle = run_dir / "checkpoint_2026-11-24_10-00-01.000000"
     (middle / "pipeline_tag").unlink()  # listed in both manifests: the checkpoint is now incomplete
     chosen, skipped = choose_checkpoint(middle)
-    assert chosen == run_dir / "checkpoint_2026-11-24_10-00-00.000000" and [s.path for s in skipped] == [middle]
+    assert chosen == str(run_dir / "checkpoint_2026-11-24_10-00-00.000000")
+    assert [s.path for s in skipped] == [str(middle)]
 
 
 def test_no_valid_checkpoint_is_an_error_listing_each(run_dir):
@@ -79,14 +88,15 @@ def test_ticks_order_checkpoints_whatever_the_clock_said(tmp_path):
     """Ray names checkpoints by wall-clock time; after the clock went back, the name order lies."""
     make_checkpoint(tmp_path, "checkpoint_2026-11-24_10-00-00.000000", 6)  # written after the clock went back
     make_checkpoint(tmp_path, "checkpoint_2026-11-24_11-00-00.000000", 4)
-    assert choose_checkpoint(tmp_path)[0].name == "checkpoint_2026-11-24_10-00-00.000000"
+    assert choose_checkpoint(tmp_path)[0] == str(tmp_path / "checkpoint_2026-11-24_10-00-00.000000")
 
 
 def test_an_unreadable_newest_is_checked_and_named_first(run_dir):
     cut_short = run_dir / "checkpoint_2026-11-24_09-00-00.000000"  # no tag, no manifest yet
     (cut_short / "tick-000008").mkdir(parents=True)
     chosen, skipped = choose_checkpoint(run_dir)
-    assert chosen.name == "checkpoint_2026-11-24_10-00-02.000000" and [s.path for s in skipped] == [cut_short]
+    assert chosen == str(run_dir / "checkpoint_2026-11-24_10-00-02.000000")
+    assert [s.path for s in skipped] == [str(cut_short)]
 
 
 def test_resume_point_of_a_restarted_run(run_dir, tmp_path):
