@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import runtime  # noqa: E402,F401  (Ray logging environment first)
-from pipeline.config import DataConfig, RayConfig, load_config, resolve_path  # noqa: E402
+from pipeline import runtime  # noqa: F401  (Ray logging environment first)
+from pipeline.config import DataConfig, RayConfig, load_config, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

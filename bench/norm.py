@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from pipeline.kernels import layer_norm  # noqa: E402
-from pipeline.noise import Noise  # noqa: E402
+from pipeline.kernels import layer_norm
+from pipeline.noise import Noise
 
 SIGMA = 0.1
 

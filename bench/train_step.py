@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import runtime  # noqa: E402,F401  (Ray logging environment first)
-from pipeline.config import load_config, location_overrides  # noqa: E402
+from pipeline import runtime  # noqa: F401  (Ray logging environment first)
+from pipeline.config import load_config, location_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS, MICRO, SEQ, WARMUP = 2, 4, 128, 5

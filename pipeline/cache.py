@@ -9,8 +9,9 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def stable_hash(payload: Any, length: int = 16) -> str:

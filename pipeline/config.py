@@ -50,7 +50,7 @@ class ModelConfig(_Section):
     cache_dir: str = ".cache/pipeline/models"
 
     @model_validator(mode="after")
-    def _check_source_fields(self) -> "ModelConfig":
+    def _check_source_fields(self) -> ModelConfig:
         if self.source == "config":
             if not self.architecture or "model_type" not in self.architecture:
                 raise ValueError("architecture must be given, with a model_type, when source is 'config'")
@@ -73,7 +73,7 @@ class SplitConfig(_Section):
     eval_from: float | None = None
 
     @model_validator(mode="after")
-    def _check_rule_fields(self) -> "SplitConfig":
+    def _check_rule_fields(self) -> SplitConfig:
         if self.rule == "path_number" and self.eval_from is None:
             raise ValueError("eval_from must be given when rule is 'path_number'")
         return self
@@ -137,7 +137,7 @@ class TrainConfig(_Section):
     resume_from: str | None = None  # a checkpoint directory (`pipeline train --resume`)
 
     @model_validator(mode="after")
-    def _check_global_batch(self) -> "TrainConfig":
+    def _check_global_batch(self) -> TrainConfig:
         if self.global_batch_size is not None:
             per_step = self.num_workers * self.micro_batch_size
             if self.global_batch_size % per_step:
@@ -214,7 +214,7 @@ class SearchDimension(_Section):
     with_zero: bool = False
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> "SearchDimension":
+    def _check_bounds(self) -> SearchDimension:
         if self.type == "choice":
             if not self.values:
                 raise ValueError("values must list at least one option for type 'choice'")
@@ -257,7 +257,7 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
-    def with_overrides(self, overrides: list[str]) -> "Config":
+    def with_overrides(self, overrides: list[str]) -> Config:
         return _validate(apply_overrides(self.model_dump(mode="python"), overrides))
 
 
@@ -396,7 +396,7 @@ def resolve_path(path: str) -> str:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"{path}: Python package '{package}' is not installed")
-        return str(Path(list(spec.submodule_search_locations)[0]) / rel)
+        return str(Path(next(iter(spec.submodule_search_locations))) / rel)
     return os.path.expanduser(path)
 
 

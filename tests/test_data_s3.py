@@ -1,6 +1,7 @@
 """Preparation with the corpus and the cache in a bucket of a real S3-compatible server (moto on
 127.0.0.1): the same blocks as on local disk, nothing left behind, damage named when opened."""
 
+import json
 import os
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_a_failed_build_leaves_nothing_in_the_bucket(bucket_ray, tmp_path, tiny_
 
     s3 = bucket_ray
     bucket = s3.bucket()
-    good = "".join('{"content": "%s"}\n' % p.replace('"', "'") for p in lincoln_paragraphs(20))
+    good = "".join(json.dumps({"content": p}) + "\n" for p in lincoln_paragraphs(20))
     s3.client().put_object(Bucket=bucket, Key="corpus/a.jsonl", Body=(good + "{broken\n" + good).encode())
     cfg = DataConfig(path=f"s3://{bucket}/corpus", format="jsonl", text_field="content", seq_len=32,
                      cache_dir=f"s3://{bucket}/cache", on_bad_record="fail", chunk_bytes=1024)

@@ -1,5 +1,7 @@
 """Packing without Ray: the block plan and the shard writer keep every token in order."""
 
+import itertools
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -52,7 +54,7 @@ def test_the_same_blocks_whatever_the_chunking(tmp_path):
     one, one_entries = pack(tmp_path / "one", [stream], seq_len=8, blocks_per_shard=5)
     (tmp_path / "many").mkdir()
     cuts = [0, 3, 90, 91, 250, 499]
-    many, many_entries = pack(tmp_path / "many", [stream[a:b] for a, b in zip(cuts, cuts[1:])], seq_len=8,
+    many, many_entries = pack(tmp_path / "many", [stream[a:b] for a, b in itertools.pairwise(cuts)], seq_len=8,
                               blocks_per_shard=3)
     np.testing.assert_array_equal(read_blocks([e["location"] for e in one_entries])[1],
                                   read_blocks([e["location"] for e in many_entries])[1])
@@ -61,7 +63,7 @@ def test_the_same_blocks_whatever_the_chunking(tmp_path):
 
 def test_document_longer_than_many_blocks(tmp_path):
     layout, entries = pack(tmp_path, [np.arange(1, 100, dtype=np.int32)], seq_len=8, blocks_per_shard=2)
-    sample_ids, blocks = read_blocks([e["location"] for e in entries])
+    _sample_ids, blocks = read_blocks([e["location"] for e in entries])
     assert layout.blocks == 12 and layout.dropped_tail_tokens == 3 and len(entries) == 6
     np.testing.assert_array_equal(blocks.reshape(-1), np.arange(1, 97))
     assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in entries)

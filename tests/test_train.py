@@ -40,7 +40,7 @@ def trained(ray_session, tmp_path_factory):
 
 
 def test_loss_goes_down_on_a_repeated_batch(trained):
-    cfg, outcome = trained
+    _cfg, outcome = trained
     history = client_for(outcome.tracking_uri).get_metric_history(outcome.run_id, "loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, TICKS + 1))
@@ -49,7 +49,7 @@ def test_loss_goes_down_on_a_repeated_batch(trained):
 
 
 def test_mlflow_run_has_params_metrics_and_config(trained):
-    cfg, outcome = trained
+    _cfg, outcome = trained
     client = client_for(outcome.tracking_uri)
     run = client.get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
@@ -66,7 +66,7 @@ def test_mlflow_run_has_params_metrics_and_config(trained):
 
 
 def test_checkpoints_every_n_ticks_keep_the_last_k(trained):
-    cfg, outcome = trained
+    _cfg, outcome = trained
     run_storage = outcome.checkpoint_dir.parent
     tags = sorted((p / "pipeline_tag").read_text() for p in run_storage.glob("checkpoint_*") if p.is_dir())
     assert tags == ["tick-000006", "tick-000008"]  # 4 written (checkpoint_every=2), the last 2 kept
@@ -103,7 +103,7 @@ def test_checkpoint_converts_to_the_trained_weights(trained):
 
 
 def test_logged_model_loads_with_pyfunc_and_generates(trained):
-    cfg, outcome = trained
+    _cfg, outcome = trained
     assert outcome.model_uri
     model = load_pyfunc(outcome.model_uri, outcome.tracking_uri)
     out = model.predict(["Fellow citizens"])

@@ -16,7 +16,7 @@ from pipeline.tracking import RunTarget, load_pyfunc
 from pipeline.tracking.store import client_for
 from pipeline.tracking.sweeps import ROLE_TAG, child_runs
 from pipeline.tune import run_sweep
-from pipeline.tune.space import ZERO_SHARE, check_space, trial_values, tune_space, effective_space
+from pipeline.tune.space import ZERO_SHARE, check_space, effective_space, trial_values, tune_space
 
 from conftest import REPO
 

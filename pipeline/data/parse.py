@@ -14,8 +14,8 @@ config's (the text column missing) raises `FileProblem`, which the task returns 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import pyarrow as pa
 

@@ -79,7 +79,7 @@ class TokenizeChunks:
             if pending[split]:
                 streams[split].append(self._encode(pending[split]))
             tokens = np.concatenate(streams[split]) if streams[split] else np.zeros(0, np.int32)
-            result["tokens"][split] = int(len(tokens))
+            result["tokens"][split] = len(tokens)
             if len(tokens):
                 storage.write_bytes(token_file(self.build, split, spec["chunk"]), tokens.astype("<i4").tobytes())
         return result

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import triton
-
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile

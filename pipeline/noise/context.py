@@ -7,8 +7,8 @@ from here instead of from their arguments. A context is per process and per thre
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

@@ -10,9 +10,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.config import Config, ConfigError, flatten, to_yaml
 from pipeline.tracking.secrets import redact
