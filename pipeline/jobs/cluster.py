@@ -45,12 +45,17 @@ class LocalCluster:
         return [self.worker_pid, self.head_pid]  # the worker first: it must leave before the head
 
 
-def node_env() -> dict[str, str]:
-    """The nodes' environment: token mode said explicitly (Ray 2.60 CLI processes need it to read
-    ~/.ray/auth_token), and this interpreter's bin directory first on PATH, so that a job's
-    `python -m pipeline` runs with the project's dependencies."""
+def node_env(scratch: Path) -> dict[str, str]:
+    """A node's environment: token mode said explicitly (Ray 2.60 CLI processes need it to read
+    ~/.ray/auth_token), this interpreter's bin directory first on PATH, so that a job's
+    `python -m pipeline` runs with the project's dependencies, and a directory of the node's own for
+    node-local copies (models, checkpoints), as if it were another machine: whatever the nodes share
+    must go through storage both can reach (a bucket). (TMPDIR stays: Ray's socket paths under it
+    may not exceed 107 bytes.)"""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    scratch.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
+            "PIPELINE_LOCAL_CACHE": str(scratch / "local-cache")}
 
 
 def ray_temp_dir(run_dir: Path) -> Path:
@@ -68,7 +73,8 @@ def _ray_start(args: list[str], log: Path) -> int:
     ray_cli = str(Path(sys.executable).with_name("ray"))
     with log.open("ab") as out:
         process = subprocess.Popen([ray_cli, "start", "--block", "--disable-usage-stats", *args], stdout=out,
-                                   stderr=subprocess.STDOUT, env=node_env(), start_new_session=True)
+                                   stderr=subprocess.STDOUT, env=node_env(log.with_suffix("")),
+                                   start_new_session=True)
     return process.pid
 
 
