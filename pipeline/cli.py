@@ -10,11 +10,13 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from pipeline import runtime  # noqa: F401  (sets Ray's logging environment before Ray is imported)
-from pipeline import storage
+from pipeline import (
+    runtime,  # noqa: F401  (sets Ray's logging environment before Ray is imported)
+    storage,
+)
 from pipeline.config import Config, ConfigError, TrackingConfig, anchor_paths, load_config
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}

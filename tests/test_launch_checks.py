@@ -4,7 +4,7 @@ import pytest
 from ray.train import WorkerGroupError
 
 from pipeline.config import ConfigError
-from pipeline.train.launch import check_against_cluster, check_against_model, describe_failure
+from pipeline.train.launch import check_against_cluster, describe_failure
 
 from conftest import tiny_config
 
@@ -22,12 +22,16 @@ def test_resources_the_cluster_lacks_fail_fast(ray_session, tmp_path):
     check_against_cluster(tiny_config(tmp_path))
 
 
-def test_seq_len_above_model_positions(tmp_path):
-    from pipeline.models import materialize_model
+def test_seq_len_above_model_positions_is_named_before_ray_starts(tmp_path):
+    import ray
+
+    from pipeline.data import prepare
 
     cfg = tiny_config(tmp_path, "data.seq_len=512")
+    started_before = ray.is_initialized()
     with pytest.raises(ConfigError, match=r"data.seq_len: 512 is above the model's maximum of 256"):
-        check_against_model(cfg, materialize_model(cfg.model))
+        prepare(cfg)
+    assert ray.is_initialized() == started_before
 
 
 def test_triton_backend_without_gpus_and_bad_resume_path_are_named(tmp_path):

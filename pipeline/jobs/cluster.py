@@ -142,7 +142,7 @@ def _nodes_alive(state: LocalCluster) -> int:
 
     try:
         return cluster_nodes(state.address)
-    except Exception:  # not up yet: the caller's wait loop is bounded
+    except Exception:  # noqa: BLE001 - not up yet: the caller's wait loop is bounded
         return 0
 
 

@@ -33,7 +33,7 @@ def job_client(address: str | None):
     address = resolve_address(address)
     try:
         return JobSubmissionClient(address)
-    except Exception as error:  # Ray raises plain exceptions carrying the HTTP status in the text
+    except Exception as error:  # noqa: BLE001 - Ray raises plain exceptions carrying the HTTP status in the text
         raise JobError(_explain(error, address)) from None
 
 
@@ -68,7 +68,7 @@ def submit(spec_path: Path, address: str | None, overrides: list[str], wait: boo
                                    entrypoint_num_cpus=spec.resources.entrypoint_num_cpus,
                                    entrypoint_num_gpus=spec.resources.entrypoint_num_gpus,
                                    metadata=dict(spec.metadata))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - Ray raises plain exceptions; _explain words them
         raise JobError(_explain(error, resolve_address(address))) from None
     print(f"submitted job {job_id} to {resolve_address(address)}: {entrypoint}", flush=True)
     if not wait:
@@ -124,5 +124,5 @@ def _job_call(address: str | None, method: str, job_id: str):
     client = job_client(address)
     try:
         return getattr(client, method)(job_id)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - Ray raises plain exceptions; _explain words them
         raise JobError(f"job {job_id}: {_explain(error, resolve_address(address))}") from None

@@ -2,4 +2,4 @@
 
 from pipeline.train.launch import TrainingFailed, TrainOutcome, prepare, run_training
 
-__all__ = ["TrainingFailed", "TrainOutcome", "prepare", "run_training"]
+__all__ = ["TrainOutcome", "TrainingFailed", "prepare", "run_training"]

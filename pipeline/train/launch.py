@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
-from pipeline.data import PreparedData, prepare_data
-from pipeline.models import materialize_model, max_positions
+from pipeline.data import PreparedData
+from pipeline.data import prepare as prepare_model_and_data
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback
@@ -84,12 +84,6 @@ class TrainOutcome:
         return "\n".join(lines)
 
 
-def check_against_model(cfg: Config, model_ref: str) -> None:
-    limit = max_positions(model_ref)
-    if limit is not None and cfg.data.seq_len > limit:
-        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is above the model's maximum of {limit} positions")
-
-
 def check_kernel(cfg: Config) -> None:
     if cfg.kernel.backend == "triton" and not cfg.train.use_gpu:
         raise ConfigError("kernel.backend: 'triton' runs on GPUs and train.use_gpu is false; use 'auto' or 'torch'")
@@ -125,17 +119,15 @@ def check_against_data(cfg: Config, data: PreparedData) -> None:
 
 
 def prepare(cfg: Config) -> tuple[str, PreparedData]:
-    """Model first (the tokenizer defines the tokens), then the packed data cache."""
+    """What training needs before its workers start: a reachable tracking store, Ray (with the
+    dashboard, which sweeps need) and room on it, then the model and the packed data."""
     from pipeline.tracking import check_reachable, tracking_uri
 
     check_kernel(cfg)
     check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
-    model_ref = materialize_model(cfg.model)
-    check_against_model(cfg, model_ref)
     ensure_ray(cfg.ray)
     check_against_cluster(cfg)
-    data = prepare_data(cfg.data, model_ref)
-    return model_ref, data
+    return prepare_model_and_data(cfg)
 
 
 def run_training(cfg: Config) -> TrainOutcome:
@@ -224,5 +216,7 @@ def stored_checkpoint(result, storage_location: str) -> str:
 def _read_split(data: PreparedData, split: str):
     import ray.data
 
-    filesystem, path = storage.filesystem(str(data.split_dir(split)))
-    return ray.data.read_parquet(path, filesystem=filesystem)
+    # Exactly the shards meta.json lists, in sample_id order (never whatever else the directory holds).
+    shards = data.shards(split)
+    filesystem, _ = storage.filesystem(shards[0])
+    return ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=filesystem)

@@ -8,7 +8,7 @@ redone and how closely it matched, so a restart is visible and its exactness che
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pipeline.tracking import NullTracker
 
