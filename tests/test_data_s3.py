@@ -2,41 +2,17 @@
 127.0.0.1): the same blocks as on local disk, nothing left behind, damage named when opened."""
 
 import json
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.config import DataConfig, StorageConfig
+from pipeline.config import DataConfig
 from pipeline.data import CorruptCache, prepare_data
 
 from conftest import lincoln_paragraphs
 from test_data import data_config, write_corpus
-
-
-@pytest.fixture(scope="module")
-def bucket_ray(s3):
-    """AWS_* pointing at the server *before* Ray starts, so that Ray's workers (which inherit this
-    environment, as a node's processes inherit the node's) find the endpoint and their credentials."""
-    saved = {name: os.environ.get(name) for name in s3.env()}
-    os.environ.update(s3.env())
-    storage.configure(StorageConfig())
-    import ray
-
-    from pipeline.config import RayConfig
-    from pipeline.runtime import ensure_ray
-
-    ensure_ray(RayConfig())
-    yield s3
-    ray.shutdown()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    storage.configure(StorageConfig())
 
 
 def read_remote_blocks(shards):
@@ -45,8 +21,8 @@ def read_remote_blocks(shards):
             np.concatenate([np.stack(t.column("input_ids").to_numpy(zero_copy_only=False)) for t in tables]))
 
 
-def test_bucket_corpus_and_cache_give_the_local_blocks(bucket_ray, tmp_path, tiny_model):
-    s3 = bucket_ray
+def test_bucket_corpus_and_cache_give_the_local_blocks(ray_with_s3, tmp_path, tiny_model):
+    s3 = ray_with_s3
     corpus = write_corpus(tmp_path / "jsonl", "jsonl", lincoln_paragraphs(60))
     bucket = s3.bucket()
     storage.upload_dir(corpus, f"s3://{bucket}/corpus")
@@ -78,10 +54,10 @@ def test_bucket_corpus_and_cache_give_the_local_blocks(bucket_ray, tmp_path, tin
         prepare_data(cfg, tiny_model)
 
 
-def test_a_failed_build_leaves_nothing_in_the_bucket(bucket_ray, tmp_path, tiny_model):
+def test_a_failed_build_leaves_nothing_in_the_bucket(ray_with_s3, tmp_path, tiny_model):
     from pipeline.data import BadRecordError
 
-    s3 = bucket_ray
+    s3 = ray_with_s3
     bucket = s3.bucket()
     good = "".join(json.dumps({"content": p}) + "\n" for p in lincoln_paragraphs(20))
     s3.client().put_object(Bucket=bucket, Key="corpus/a.jsonl", Body=(good + "{broken\n" + good).encode())

@@ -82,3 +82,12 @@ def test_a_spec_that_takes_the_work_dir_needs_it_set(tmp_path):
             continue
         with pytest.raises(ConfigError, match=f"job spec {shipped}: .*PIPELINE_WORK_DIR"):
             runtime_env_dict(load_job_spec(shipped), REPO, submitted)
+
+
+def test_submit_without_the_work_dir_stops_before_reaching_any_cluster(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.delenv("PIPELINE_WORK_DIR", raising=False)
+    assert main(["submit", str(REPO / "jobs" / "tiny.yaml"), "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pipeline: job spec ") and "PIPELINE_WORK_DIR" in err[0], err

@@ -60,11 +60,12 @@ def submit(spec_path: Path, address: str | None, overrides: list[str], wait: boo
     from pipeline.jobs.spec import load_job_spec, runtime_env_dict
 
     spec = load_job_spec(spec_path, overrides)
+    runtime_env = runtime_env_dict(spec, REPO_ROOT)  # a spec error is the spec's, before any cluster call
     client = job_client(address)
     # `python -m pipeline` rather than the console script: the cluster's PATH may not have it.
     entrypoint = "python -m " + spec.entrypoint
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env_dict(spec, REPO_ROOT),
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    entrypoint_num_cpus=spec.resources.entrypoint_num_cpus,
                                    entrypoint_num_gpus=spec.resources.entrypoint_num_gpus,
                                    metadata=dict(spec.metadata))
