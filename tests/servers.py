@@ -28,18 +28,18 @@ def clean_env(**extra) -> dict:
     return {**env, **extra}
 
 
-def wait_for_health(uri: str, process: subprocess.Popen, within_s: float, hint: str = "") -> None:
-    """Until `uri`/health answers; fails at once if `process` exits, and after `within_s` seconds."""
+def wait_for_health(uri: str, process: subprocess.Popen, within_s: float, hint: str = "", path: str = "/health") -> None:
+    """Until `uri` + `path` answers; fails at once if `process` exits, and after `within_s` seconds."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+            with urllib.request.urlopen(f"{uri}{path}", timeout=2):
                 return
         except OSError:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; {hint}") from None
-            time.sleep(0.5)
-    raise TimeoutError(f"{uri}/health did not answer within {within_s:g} s")
+            time.sleep(0.2)
+    raise TimeoutError(f"{uri}{path} did not answer within {within_s:g} s")
 
 
 class MlflowServer:
@@ -110,26 +110,14 @@ class MotoServer:
             [str(REPO / ".venv" / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
-            self._wait_ready(ready_within_s)
+            # /moto-api/ requests are not AWS actions: they do not use up the unauthenticated ones
+            wait_for_health(self.endpoint, self.process, ready_within_s, f"see {self.root / 'moto.log'}",
+                            path="/moto-api/config")
             self._create_user()
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _wait_ready(self, within_s: float) -> None:
-        # /moto-api/ requests are not AWS actions: they do not use up the unauthenticated ones
-        deadline = time.monotonic() + within_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/moto-api/config", timeout=2):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"moto_server exited with {self.process.returncode}; "
-                                       f"see {self.root / 'moto.log'}") from None
-                time.sleep(0.2)
-        raise TimeoutError(f"{self.endpoint} did not answer within {within_s:g} s")
 
     def _create_user(self) -> None:
         import json

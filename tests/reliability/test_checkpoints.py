@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from test_storage_checkpoints import upload_checkpoint
 
 from pipeline.train.checkpoints import (
     MANIFEST,
@@ -12,25 +13,13 @@ from pipeline.train.checkpoints import (
     describe_fallback,
     problem_with,
     resume_point,
-    write_manifest,
 )
 
 
 def make_checkpoint(run_dir, name, tick, world_size=2):
-    """What Ray Train leaves after merging the ranks' directories: each rank's files plus its manifest."""
-    directory = run_dir / name
-    for rank in range(world_size):
-        staging = run_dir / f".stage-{name}-{rank}"
-        (staging / f"tick-{tick:06d}").mkdir(parents=True)
-        (staging / f"tick-{tick:06d}" / f"rank{rank}_states.pt").write_bytes(bytes([tick, rank]) * 1000)
-        (staging / "pipeline_tag").write_text(f"tick-{tick:06d}")
-        write_manifest(staging, rank, world_size, tick)
-        for path in staging.rglob("*"):
-            if path.is_file():
-                target = directory / path.relative_to(staging)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(path.read_bytes())
-    return directory
+    """What a worker group leaves: each rank's files, uploaded with its manifest last."""
+    upload_checkpoint(run_dir / f".stage-{name}", str(run_dir / name), tick, world_size)
+    return run_dir / name
 
 
 @pytest.fixture
