@@ -74,13 +74,19 @@ class PreparedData:
 def prepare(cfg: Config) -> tuple[str, PreparedData]:
     """The model first (its tokenizer defines the tokens), then the packed data. Needs no tracking
     server; Ray is started only when the cache must be built."""
+    model_ref = prepare_model(cfg)
+    return model_ref, prepare_data(cfg.data, model_ref, cfg.ray)
+
+
+def prepare_model(cfg: Config) -> str:
+    """The model whose tokenizer defines the tokens, checked against data.seq_len (before Ray starts)."""
     from pipeline.models import materialize_model, max_positions
 
     model_ref = materialize_model(cfg.model)
     limit = max_positions(model_ref)
     if limit is not None and cfg.data.seq_len > limit:
         raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is above the model's maximum of {limit} positions")
-    return model_ref, prepare_data(cfg.data, model_ref, cfg.ray)
+    return model_ref
 
 
 def data_fingerprint(cfg: DataConfig, files: list[CorpusFile], tokenizer_fingerprint: str) -> str:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
-from pipeline.data import PreparedData
-from pipeline.data import prepare as prepare_model_and_data
+from pipeline.data import PreparedData, prepare_data, prepare_model
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback
@@ -119,15 +118,17 @@ def check_against_data(cfg: Config, data: PreparedData) -> None:
 
 
 def prepare(cfg: Config) -> tuple[str, PreparedData]:
-    """What training needs before its workers start: a reachable tracking store, Ray (with the
-    dashboard, which sweeps need) and room on it, then the model and the packed data."""
+    """What training needs before its workers start: a reachable tracking store and a usable model
+    (both before Ray starts), Ray (with the dashboard, which sweeps need) with room for the run,
+    then the packed data."""
     from pipeline.tracking import check_reachable, tracking_uri
 
     check_kernel(cfg)
     check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
+    model_ref = prepare_model(cfg)
     ensure_ray(cfg.ray)
     check_against_cluster(cfg)
-    return prepare_model_and_data(cfg)
+    return model_ref, prepare_data(cfg.data, model_ref, cfg.ray)
 
 
 def run_training(cfg: Config) -> TrainOutcome:
