@@ -13,11 +13,13 @@ wrote, and one that died is cleared by the next build.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.cache import stable_hash
@@ -49,6 +51,7 @@ class PreparedData:
     bad_records: dict[str, int]  # reason -> count of skipped records
     bad_examples: dict[str, str]  # reason -> the first such record, "file:line: reason (detail)"
     shard_files: dict[str, list[str]]  # split -> its shards' locations, in sample_id order
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall seconds, in order
 
     def split_dir(self, split: str) -> str:
         return storage.join(self.root, split)
@@ -68,6 +71,7 @@ class PreparedData:
                          f"{s['blocks']:,} blocks of {self.seq_len} (dropped tail: {s['dropped_tail_tokens']:,} tokens)")
         if self.bad_records:
             lines.append("  " + describe(self.bad_records, self.bad_examples))
+        lines.append("  in " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.seconds.items()))
         return "\n".join(lines)
 
 
@@ -106,22 +110,26 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
     """Reuse the packed cache when the fingerprint matches (verifying its shards); otherwise build it."""
     from pipeline.models import hf_dir_fingerprint
 
+    seconds: dict[str, float] = {}
     unreadable = BadRecords(cfg.on_bad_record)
-    files = list_corpus(cfg, unreadable)  # unreadable entries are counted (or fail) here, before Ray reads
-    if not files:
-        raise NoUsableDocuments(f"data.path: no readable file in '{cfg.path}' ({unreadable.summary()})")
-    fingerprint = data_fingerprint(cfg, files, hf_dir_fingerprint(model_ref))
-    root = storage.join(cfg.cache_dir, fingerprint)
-    meta = _read_meta(root)
+    with timed(seconds, "listing"):
+        files = list_corpus(cfg, unreadable)  # unreadable entries are counted (or fail) here, before Ray reads
+        if not files:
+            raise NoUsableDocuments(f"data.path: no readable file in '{cfg.path}' ({unreadable.summary()})")
+        fingerprint = data_fingerprint(cfg, files, hf_dir_fingerprint(model_ref))
+        root = storage.join(cfg.cache_dir, fingerprint)
+        meta = _read_meta(root)
     cache_hit = meta is not None
     if cache_hit:
-        verify_shards(root, meta["shards"], cfg.verify_checksums)
+        with timed(seconds, "verifying shards"):
+            verify_shards(root, meta["shards"], cfg.verify_checksums)
     else:
         from pipeline.runtime import ensure_ray
 
         check_first_file(cfg, files[0])
-        ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
-        meta = _build(cfg, files, model_ref, root, unreadable)
+        with timed(seconds, "starting Ray"):
+            ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
+        meta = _build(cfg, files, model_ref, root, unreadable, seconds)
     # Unreadable entries are not part of the cached corpus (the fingerprint covers readable files only),
     # so they are counted afresh on every run; records are counted when the cache was built.
     counts, examples = dict(meta["bad_records"]), dict(meta["bad_examples"])
@@ -130,7 +138,17 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
         examples.setdefault(reason, unreadable.examples[reason])
     shard_files = {split: [e["location"] for e in meta["shards"] if e["split"] == split] for split in SPLITS}
     return PreparedData(root=root, fingerprint=fingerprint, seq_len=meta["seq_len"], stats=meta["stats"],
-                        cache_hit=cache_hit, bad_records=counts, bad_examples=examples, shard_files=shard_files)
+                        cache_hit=cache_hit, bad_records=counts, bad_examples=examples, shard_files=shard_files,
+                        seconds=seconds)
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], phase: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - started
 
 
 def _read_meta(root: str) -> dict | None:
@@ -148,7 +166,8 @@ def check_first_file(cfg: DataConfig, first: CorpusFile) -> None:
             raise ConfigError(str(problem)) from None
 
 
-def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, unreadable: BadRecords) -> dict:
+def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, unreadable: BadRecords,
+           seconds: dict[str, float]) -> dict:
     from pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_ref)
@@ -156,8 +175,9 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
     try:
         chunks = [[{"location": p.file.location, "name": p.file.name, "size": p.file.size, "start": p.start,
                     "end": p.end} for p in chunk] for chunk in plan_chunks(files, cfg.format, cfg.chunk_bytes)]
-        results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
-                                  tokenizer, root)
+        with timed(seconds, "reading + tokenizing"):
+            results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
+                                      tokenizer, root)
         bad = _bad_records(cfg, results, chunks)
         documents = {split: sum(r["documents"][split] for r in results) for split in SPLITS}
         if not any(documents.values()):
@@ -169,8 +189,9 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
                                      cfg.seq_len, cfg.blocks_per_shard,
                                      lambda index, s=split: storage.join(root, s, f"part-{index:05d}.parquet"))
                    for split in SPLITS}
-        shards = write_shards([plan for layout in layouts.values() for plan in layout.shards], cfg.seq_len)
-        storage.delete(storage.join(root, "tokens"))
+        with timed(seconds, "packing"):
+            shards = write_shards([plan for layout in layouts.values() for plan in layout.shards], cfg.seq_len)
+            storage.delete(storage.join(root, "tokens"))
         stats = {split: {"documents": documents[split], "tokens": layout.tokens, "blocks": layout.blocks,
                          "dropped_tail_tokens": layout.dropped_tail_tokens, "files": len(layout.shards)}
                  for split, layout in layouts.items()}
