@@ -78,7 +78,7 @@ def everything_in(bucket: str) -> set[tuple[str, int]]:
     return {(f.location, f.size) for f in storage.list_files(f"s3://{bucket}")}
 
 
-@pytest.mark.parametrize("problem", ["missing bucket", "wrong credentials", "unreachable endpoint"])
+@pytest.mark.parametrize("problem", ["missing bucket", "missing prefix", "wrong credentials", "unreachable endpoint"])
 def test_bad_storage_is_one_line_before_ray_and_leaves_the_bucket_alone(ray_with_s3, tiny_bucket, tmp_path, capsys,
                                                                          monkeypatch, problem):
     before = everything_in(tiny_bucket)
@@ -87,6 +87,9 @@ def test_bad_storage_is_one_line_before_ray_and_leaves_the_bucket_alone(ray_with
     if problem == "missing bucket":
         overrides, expected = ["train.output_dir=s3://no-such-bucket/outputs"], \
             "pipeline: train.output_dir: bucket 'no-such-bucket' does not exist"
+    elif problem == "missing prefix":
+        overrides, expected = [f"data.path=s3://{tiny_bucket}/no-such-corpus/"], \
+            f"pipeline: data.path: no files match 's3://{tiny_bucket}/no-such-corpus/'"
     elif problem == "wrong credentials":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         expected = "pipeline: data.path: the storage refused access to s3://pipeline-tiny/corpus/17*.txt"
