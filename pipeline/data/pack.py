@@ -84,13 +84,17 @@ def write_shards(plans: list[ShardPlan], seq_len: int) -> list[dict]:
     """Stage 2 on the cluster: one Ray Data row per shard, written in parallel; their meta entries."""
     import ray.data
 
-    from pipeline.data.corpus import LIGHT_TASK_CPUS
+    from pipeline.data.corpus import BLOCKS_PER_WORKER, LIGHT_TASK_CPUS
 
     if not plans:
         return []
     settings = storage.settings()
     # Plans travel as JSON: Arrow cannot hold their mixed-type read tuples as columns.
-    rows = ray.data.from_items([{"plan": json.dumps(asdict(plan))} for plan in plans], override_num_blocks=len(plans))
+    import ray
+
+    workers = max(1, int(ray.cluster_resources().get("CPU", 1) / LIGHT_TASK_CPUS))
+    rows = ray.data.from_items([{"plan": json.dumps(asdict(plan))} for plan in plans],
+                               override_num_blocks=min(len(plans), BLOCKS_PER_WORKER * workers))
     written = rows.map(_shard_task, fn_kwargs={"seq_len": seq_len, "settings": settings},
                        num_cpus=LIGHT_TASK_CPUS).take_all()
     entries = [json.loads(row["entry"]) for row in written]

@@ -86,7 +86,7 @@ class PieceReader:
         if start > 0:
             handle.seek(start - 1)
             if handle.read(1) != b"\n":  # mid-line: that line belongs to the previous piece
-                position = self._skip_line(handle, start)
+                position = self._skip_line(handle, start, end)
         handle.seek(position)
         number, pending, size, buffer = 0, [], 0, b""
         while position < end:
@@ -113,16 +113,18 @@ class PieceReader:
             yield number + 1, b"".join(pending) if size <= self.max_bytes else b"", size
 
     @staticmethod
-    def _skip_line(handle, start: int) -> int:
-        """The position after the next newline at or after `start` (or the end of the file)."""
+    def _skip_line(handle, start: int, end: int) -> int:
+        """The position after the next newline at or after `start`, or `end` if there is none before
+        it: then no line starts in the piece, and scanning on (through one very long line, piece after
+        piece) would make reading a file quadratic in its pieces."""
         handle.seek(start)
         position = start
-        while block := handle.read(READ_BLOCK):
+        while position < end and (block := handle.read(min(READ_BLOCK, end - position))):
             newline = block.find(b"\n")
             if newline >= 0:
                 return position + newline + 1
             position += len(block)
-        return position
+        return end
 
     def _json_record(self, number: int, line: bytes) -> Record:
         decoded = self._decoded(number, line)

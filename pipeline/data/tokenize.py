@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import DataConfig, StorageConfig
-from pipeline.data.corpus import LIGHT_TASK_CPUS, SPLITS, SplitRule
+from pipeline.data.corpus import BLOCKS_PER_WORKER, LIGHT_TASK_CPUS, SPLITS, SplitRule
 from pipeline.data.parse import FileProblem, PieceReader
 
 
@@ -108,7 +108,10 @@ def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer, build: str) 
     # input task, a packing task) could be scheduled and the pipeline would wait forever.
     cpus = ray.cluster_resources().get("CPU", 1.0)
     cpus_per_actor = min(1.0, max(0.01, (cpus - LIGHT_TASK_CPUS) / actors))
-    specs = ray.data.from_items([{"spec": json.dumps(chunk)} for chunk in chunks], override_num_blocks=len(chunks))
+    # A few blocks per actor: enough to balance equal-sized chunks, few enough that scheduling a block
+    # (milliseconds each) stays small next to tokenizing it, even for tens of thousands of chunks.
+    specs = ray.data.from_items([{"spec": json.dumps(chunk)} for chunk in chunks],
+                                override_num_blocks=min(len(chunks), BLOCKS_PER_WORKER * actors))
     results = specs.map_batches(
         TokenizeChunks, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_actor,
         fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, cfg, storage.settings(),
