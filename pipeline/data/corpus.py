@@ -24,6 +24,7 @@ SPLITS = ("train", "eval")
 # a fractional request lets it run beside the tokenizer actors on a small machine.
 LIGHT_TASK_CPUS = 0.5
 BLOCKS_PER_WORKER = 4  # Ray Data blocks of chunks (or shard plans) per actor (or task slot)
+MIN_CHUNK_BYTES = 1024
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -131,6 +132,14 @@ class Piece:
     file: CorpusFile
     start: int
     end: int
+
+
+def chunk_size(files: list[CorpusFile], chunk_bytes: int, workers: int) -> int:
+    """`chunk_bytes`, or less when the corpus would otherwise make too few chunks to keep every
+    tokenizer actor busy (a 30 MB corpus in one 32 MiB chunk would run on one actor). Chunking never
+    changes the blocks, so it can follow the cluster."""
+    total = sum(f.size for f in files)
+    return max(MIN_CHUNK_BYTES, min(chunk_bytes, -(-total // (BLOCKS_PER_WORKER * workers))))
 
 
 def plan_chunks(files: list[CorpusFile], fmt: str, chunk_bytes: int) -> list[list[Piece]]:

@@ -25,10 +25,16 @@ from pipeline import storage
 from pipeline.cache import stable_hash
 from pipeline.config import Config, ConfigError, DataConfig, RayConfig
 from pipeline.data.bad_records import BadRecords, NoUsableDocuments, describe
-from pipeline.data.corpus import SPLITS, CorpusFile, list_corpus, plan_chunks
+from pipeline.data.corpus import SPLITS, CorpusFile, chunk_size, list_corpus, plan_chunks
 from pipeline.data.pack import plan_split, write_shards
 from pipeline.data.parse import FileProblem, PieceReader
-from pipeline.data.tokenize import token_file, tokenize_chunks
+from pipeline.data.tokenize import (
+    backend_tokenizer,
+    keep_backend_tokenizer,
+    token_file,
+    tokenize_chunks,
+    tokenizer_location,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +174,18 @@ def check_first_file(cfg: DataConfig, first: CorpusFile) -> None:
 
 def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, unreadable: BadRecords,
            seconds: dict[str, float]) -> dict:
-    from pipeline.models import load_tokenizer
+    from pipeline.models import hf_dir_fingerprint
 
-    tokenizer = load_tokenizer(model_ref)
+    kept_at = tokenizer_location(cfg.cache_dir, hf_dir_fingerprint(model_ref))
+    backend, eos_token_id, kept = backend_tokenizer(model_ref, kept_at)
     storage.delete(root)  # what a build that died before writing meta.json left behind
     try:
         chunks = [[{"location": p.file.location, "name": p.file.name, "size": p.file.size, "start": p.start,
-                    "end": p.end} for p in chunk] for chunk in plan_chunks(files, cfg.format, cfg.chunk_bytes)]
+                    "end": p.end} for p in chunk]
+                  for chunk in plan_chunks(files, cfg.format, chunk_size(files, cfg.chunk_bytes, cfg.tokenize_actors))]
         with timed(seconds, "reading + tokenizing"):
             results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
-                                      tokenizer, root)
+                                      (backend, eos_token_id), root)
         bad = _bad_records(cfg, results, chunks)
         documents = {split: sum(r["documents"][split] for r in results) for split in SPLITS}
         if not any(documents.values()):
@@ -199,6 +207,8 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
                 "model_ref": model_ref, "bad_records": bad.counts, "bad_examples": bad.examples,
                 "corpus": [f.location for f in files], "data_config": cfg.model_dump(mode="json")}
         storage.write_text(storage.join(root, META), json.dumps(meta, indent=1))  # the commit: last
+        if not kept:  # only after a build that succeeded: a failed one leaves nothing behind
+            keep_backend_tokenizer(kept_at, backend, eos_token_id)
         return meta
     except BaseException:
         storage.delete(root)

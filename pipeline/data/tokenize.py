@@ -98,7 +98,29 @@ class TokenizeChunks:
             result["first_bad"] = [record.bad, *example]
 
 
-def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer, build: str) -> list[dict]:
+def tokenizer_location(cache_dir: str, tokenizer_key: str) -> str:
+    """Where a serialized tokenizer is kept: the Hugging Face wrapper (and importing transformers,
+    seconds on a small machine) is then needed once per tokenizer, not once per corpus."""
+    return storage.join(cache_dir, "tokenizers", f"{tokenizer_key}.json")
+
+
+def backend_tokenizer(model_ref: str, location: str) -> tuple[str, int, bool]:
+    """(the Rust tokenizer serialized as the Hugging Face wrapper configures it, its EOS id, whether
+    it came from `location`)."""
+    if storage.is_file(location):
+        saved = json.loads(storage.read_text(location))
+        return saved["backend"], saved["eos_token_id"], True
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_ref)  # raises, naming the model, when it has no EOS token
+    return tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, False
+
+
+def keep_backend_tokenizer(location: str, backend: str, eos_token_id: int) -> None:
+    storage.write_text(location, json.dumps({"backend": backend, "eos_token_id": eos_token_id}))
+
+
+def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: tuple[str, int], build: str) -> list[dict]:
     """Run stage 1 over every chunk on the cluster; the per-chunk metadata, in chunk order."""
     import ray
     import ray.data
@@ -114,7 +136,6 @@ def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer, build: str) 
                                 override_num_blocks=min(len(chunks), BLOCKS_PER_WORKER * actors))
     results = specs.map_batches(
         TokenizeChunks, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_actor,
-        fn_constructor_args=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id, cfg, storage.settings(),
-                             build),
+        fn_constructor_args=(*tokenizer, cfg, storage.settings(), build),
         compute=ray.data.ActorPoolStrategy(size=actors)).take_all()
     return sorted((json.loads(row["result"]) for row in results), key=lambda r: r["chunk"])

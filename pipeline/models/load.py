@@ -170,16 +170,25 @@ def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(local_model(model_ref), dtype=dtype)
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
 def max_positions(model_ref: str) -> int | None:
-    """The longest sequence the model's position embeddings allow, if its config says."""
+    """The longest sequence the model's position embeddings allow, if its config says. Read from
+    config.json when there is one: importing transformers for AutoConfig costs seconds, which a
+    cache-hit `prepare` would otherwise spend on this alone."""
+    local = Path(local_model(model_ref, weights=False))
+    if (local / "config.json").is_file():
+        config = json.loads((local / "config.json").read_text())
+        for section in (config, config.get("text_config") or {}):
+            value = next((section[k] for k in POSITION_KEYS if isinstance(section.get(k), int)), None)
+            if value is not None:
+                return value
+        return None
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(local_model(model_ref, weights=False))
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
+    loaded = AutoConfig.from_pretrained(str(local))
+    return next((getattr(loaded, k) for k in POSITION_KEYS if isinstance(getattr(loaded, k, None), int)), None)
 
 
 def hf_dir_fingerprint(model_ref: str) -> str:
