@@ -14,6 +14,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+import pyarrow.fs as pafs
 
 from pipeline import storage
 from pipeline.config import ConfigError, DataConfig, SplitConfig, expand_files, is_uri, resolve_path
@@ -28,8 +31,7 @@ MIN_CHUNK_BYTES = 1024
 _GLOB = re.compile(r"[*?\[]")
 
 
-@dataclass(frozen=True)
-class CorpusFile:
+class CorpusFile(NamedTuple):  # a tuple: built once per file, by the thousand, on every cache hit
     location: str  # URI or absolute local path
     name: str  # relative to the corpus root: what messages and document keys show
     size: int
@@ -50,7 +52,7 @@ def list_corpus(cfg: DataConfig, bad: BadRecords) -> list[CorpusFile]:
             raise ConfigError(f"data.path: '{cfg.path}' holds no .arrow files (is it a save_to_disk directory?)")
     split_rule = SplitRule(cfg.split)
     for corpus_file in files:
-        split_rule.check_file_name(Path(corpus_file.name).name)
+        split_rule.check_file_name(corpus_file.name.rsplit("/", 1)[-1])
     return files
 
 
@@ -73,6 +75,9 @@ def _list_remote(path: str) -> list[CorpusFile]:
 
 
 def _list_local(path: str, bad: BadRecords) -> list[CorpusFile]:
+    resolved = resolve_path(path)
+    if os.path.isdir(resolved) and not _GLOB.search(resolved):
+        return _list_local_directory(path, os.path.realpath(resolved), bad)
     unlisted = _unlisted_entries(path)
     try:
         listed = [p.resolve() for p in expand_files(path, "data.path")]
@@ -92,6 +97,46 @@ def _list_local(path: str, bad: BadRecords) -> list[CorpusFile]:
         name = str(entry.relative_to(root)) if entry.is_relative_to(root) else str(entry)
         files.append(CorpusFile(str(entry), name, stat.st_size, stat.st_mtime_ns))
     return files
+
+
+def _list_local_directory(path: str, root: str, bad: BadRecords) -> list[CorpusFile]:
+    """A directory in one C++ listing (pyarrow: sizes, times, special files typed 'unknown'), plus a
+    scan for the symbolic links the listing leaves out when they dangle. A 10,000-file corpus then
+    costs milliseconds, not a Path object and several system calls per file. Files whose permissions
+    forbid reading are found by the reader, which counts them the same way."""
+    entries: list[tuple[str, CorpusFile | str]] = []
+    for found in pafs.LocalFileSystem().get_file_info(pafs.FileSelector(root, recursive=True)):
+        name = found.path[len(root) + 1:]
+        if name.startswith(".") or "/." in name:  # hidden, or below a hidden directory
+            continue
+        if found.is_file:
+            entries.append((found.path, CorpusFile(found.path, name, found.size, found.mtime_ns)))
+        elif found.type == pafs.FileType.Unknown:  # a FIFO, socket or device: never opened
+            entries.append((found.path, "not a regular file"))
+    entries += [(link, f"dangling link to {os.readlink(link)}") for link in _dangling_links(root)]
+    if not entries:
+        raise ConfigError(f"data.path: no files match '{path}'")
+    files = []
+    for location, entry in sorted(entries, key=lambda item: item[0]):
+        if isinstance(entry, str):
+            bad.add("unreadable_file", location, entry)
+        else:
+            files.append(entry)
+    return files
+
+
+def _dangling_links(root: str) -> list[str]:
+    found, directories = [], [root]
+    while directories:
+        with os.scandir(directories.pop()) as scan:
+            for entry in scan:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    directories.append(entry.path)
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    found.append(entry.path)
+    return found
 
 
 def _unlisted_entries(path: str) -> list[Path]:
