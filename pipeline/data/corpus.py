@@ -78,14 +78,7 @@ def _list_local(path: str, bad: BadRecords) -> list[CorpusFile]:
     resolved = resolve_path(path)
     if os.path.isdir(resolved) and not _GLOB.search(resolved):
         return _list_local_directory(path, os.path.realpath(resolved), bad)
-    unlisted = _unlisted_entries(path)
-    try:
-        listed = [p.resolve() for p in expand_files(path, "data.path")]
-    except ConfigError:
-        if not unlisted:
-            raise
-        listed = []
-    entries = sorted(unlisted + listed)
+    entries = sorted(p.resolve() for p in expand_files(path, "data.path"))  # a glob or one file
     root = _common_root(entries)
     files = []
     for entry in entries:
@@ -137,17 +130,6 @@ def _dangling_links(root: str) -> list[str]:
                 elif entry.is_symlink() and not os.path.exists(entry.path):
                     found.append(entry.path)
     return found
-
-
-def _unlisted_entries(path: str) -> list[Path]:
-    """Entries of a corpus directory that `expand_files` leaves out because they are not regular
-    files although they look like corpus files: dangling links and special files. Their directory
-    is resolved like the listed files' (the link itself is kept), so the sorted order is the same."""
-    root = Path(resolve_path(path))
-    if not root.is_dir():
-        return []
-    return [p.parent.resolve() / p.name for p in root.rglob("*")
-            if not p.name.startswith(".") and not p.is_dir() and not p.is_file()]
 
 
 def _unreadable(path: Path) -> str | None:
