@@ -97,8 +97,7 @@ class DataConfig(_Section):
     # The unit of parallel reading: small files are grouped up to this size, a larger JSONL file is
     # cut into pieces of it. It bounds a reader's memory, not the result: the blocks are the same.
     chunk_bytes: int = Field(32 << 20, ge=1024)  # at most: smaller when the corpus needs more chunks to keep actors busy
-    blocks_per_shard: int = Field(4096, ge=1)  # blocks per packed parquet file
-    # On every cache hit, hash each shard against meta.json (sizes are always checked, from one
+    # On every cache hit, hash each token file against meta.json (sizes are always checked, from one
     # listing). Turn off for very large caches whose reading would cost more than it protects.
     verify_checksums: bool = True
 

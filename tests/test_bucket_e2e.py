@@ -120,11 +120,11 @@ def test_bad_storage_is_one_line_before_ray_and_leaves_the_bucket_alone(ray_with
         [client_for(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("bucket").experiment_id])
 
 
-def test_a_damaged_shard_in_the_bucket_stops_training_before_it_starts(ray_with_s3, tiny_bucket, tmp_path, capsys):
+def test_a_damaged_token_file_in_the_bucket_stops_training_before_it_starts(ray_with_s3, tiny_bucket, tmp_path, capsys):
     s3 = ray_with_s3
     cache = f"s3://{tiny_bucket}/damaged-cache"
     assert main(["prepare", *bucket_run(tmp_path, f"data.cache_dir={cache}")]) == 0
-    shard = next(f for f in storage.list_files(cache) if f.relative.endswith(".parquet"))
+    shard = next(f for f in storage.list_files(cache) if f.relative.endswith(".bin"))
     key = shard.location.removeprefix(f"s3://{tiny_bucket}/")
     body = s3.client().get_object(Bucket=tiny_bucket, Key=key)["Body"].read()
     s3.client().put_object(Bucket=tiny_bucket, Key=key, Body=body[:-1] + bytes([body[-1] ^ 1]))
@@ -132,7 +132,7 @@ def test_a_damaged_shard_in_the_bucket_stops_training_before_it_starts(ray_with_
     code = main(["train", *bucket_run(tmp_path, f"data.cache_dir={cache}")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0] == (f"pipeline: data.cache_dir: shard {shard.location} does not match its SHA-256 in meta.json "
+    assert err[0] == (f"pipeline: data.cache_dir: token file {shard.location} does not match its SHA-256 in meta.json "
                       f"(corrupt); delete {shard.location.rsplit('/', 2)[0]} to rebuild it")
 
 

@@ -13,7 +13,7 @@ from pipeline.data import prepare_data
 from pipeline.models import load_tokenizer
 
 from conftest import lincoln_paragraphs
-from test_pack import read_blocks
+from test_blocks import read_all
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_all_four_formats_give_the_same_blocks(ray_session, tmp_path, tiny_model
     for fmt in ("text", "jsonl", "parquet", "hf"):
         corpus = write_corpus(tmp_path / fmt, fmt, documents)
         prepared = prepare_data(data_config(corpus, tmp_path / f"c-{fmt}", fmt), tiny_model)
-        results[fmt] = {split: read_blocks(prepared.shards(split)) for split in ("train", "eval")}
+        results[fmt] = {split: read_all(prepared.reader(split)) for split in ("train", "eval")}
         assert prepared.stats["train"]["documents"] + prepared.stats["eval"]["documents"] == len(documents)
     reference = results["text"]
     assert len(reference["train"][1]) > 10 and len(reference["eval"][1]) > 0
@@ -66,7 +66,7 @@ def test_packed_stream_is_the_tokenized_documents_with_eos(ray_session, tmp_path
     tokenizer = load_tokenizer(tiny_model)
     expected = np.concatenate([tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                                for d in documents])
-    sample_ids, blocks = read_blocks(prepared.shards("train"))
+    sample_ids, blocks = read_all(prepared.reader("train"))
     np.testing.assert_array_equal(blocks.reshape(-1), expected[: blocks.size])
     np.testing.assert_array_equal(sample_ids, np.arange(len(blocks)))
     assert prepared.stats["train"]["dropped_tail_tokens"] == len(expected) - blocks.size < 32
@@ -81,8 +81,8 @@ def test_same_output_with_one_or_two_tokenizer_actors(ray_session, tmp_path, tin
     two = prepare_data(data_config(corpus, tmp_path / "two", tokenize_actors=2, tokenize_batch_size=3), tiny_model)
     assert one.fingerprint == two.fingerprint  # parallelism is not part of what the blocks are
     for split in ("train", "eval"):
-        ids_one, blocks_one = read_blocks(one.shards(split))
-        ids_two, blocks_two = read_blocks(two.shards(split))
+        ids_one, blocks_one = read_all(one.reader(split))
+        ids_two, blocks_two = read_all(two.reader(split))
         np.testing.assert_array_equal(blocks_one, blocks_two)
         np.testing.assert_array_equal(ids_one, ids_two)
         assert len(set(ids_one.tolist())) == len(ids_one)
@@ -127,7 +127,7 @@ def test_missing_corpus_names_the_field(tmp_path, tiny_model):
 
 def test_same_blocks_whatever_the_chunking_and_the_actors(ray_session, tmp_path, tiny_model, documents):
     """sample_ids come from the source: cutting the JSONL files into 1 KiB pieces (lines cross piece
-    borders) and changing the actor count gives the very same shards."""
+    borders) and changing the actor count gives the very same blocks."""
     corpus = write_corpus(tmp_path / "jsonl", "jsonl", documents)
     assert all(p.stat().st_size > 4 * 1024 for p in corpus.iterdir())  # every file is cut into pieces
     whole = prepare_data(data_config(corpus, tmp_path / "whole", "jsonl", tokenize_actors=1), tiny_model)
@@ -135,28 +135,28 @@ def test_same_blocks_whatever_the_chunking_and_the_actors(ray_session, tmp_path,
                           tiny_model)
     assert whole.fingerprint == pieces.fingerprint
     for split in ("train", "eval"):
-        ids_whole, blocks_whole = read_blocks(whole.shards(split))
-        ids_pieces, blocks_pieces = read_blocks(pieces.shards(split))
+        ids_whole, blocks_whole = read_all(whole.reader(split))
+        ids_pieces, blocks_pieces = read_all(pieces.reader(split))
         np.testing.assert_array_equal(blocks_whole, blocks_pieces)
         np.testing.assert_array_equal(ids_whole, np.arange(len(ids_whole)))
         np.testing.assert_array_equal(ids_pieces, ids_whole)
     assert whole.stats == pieces.stats
 
 
-def test_a_damaged_shard_is_named_when_the_cache_is_opened(ray_session, tmp_path, tiny_model, documents):
+def test_a_damaged_token_file_is_named_when_the_cache_is_opened(ray_session, tmp_path, tiny_model, documents):
     from pipeline.data import CorruptCache
 
     corpus = write_corpus(tmp_path / "text", "text", documents)
     cfg = data_config(corpus, tmp_path)
-    shard = prepare_data(cfg, tiny_model).shards("train")[0]
+    shard = prepare_data(cfg, tiny_model).token_files["train"][0].location
     data = bytearray(open(shard, "rb").read())
     data[len(data) // 2] ^= 0xFF  # bit rot: same size
     open(shard, "wb").write(bytes(data))
-    with pytest.raises(CorruptCache, match=rf"shard {shard} does not match its SHA-256 .*; delete .* to rebuild it"):
+    with pytest.raises(CorruptCache, match=rf"token file {shard} does not match its SHA-256 .*; delete .* to rebuild it"):
         prepare_data(cfg, tiny_model)
     open(shard, "wb").write(bytes(data[:100]))
-    with pytest.raises(CorruptCache, match=rf"shard {shard} has 100 bytes, meta.json says {len(data)}"):
+    with pytest.raises(CorruptCache, match=rf"token file {shard} has 100 bytes, meta.json says {len(data)}"):
         prepare_data(cfg, tiny_model)
     os.remove(shard)
-    with pytest.raises(CorruptCache, match=rf"shard {shard} is missing"):
+    with pytest.raises(CorruptCache, match=rf"token file {shard} is missing"):
         prepare_data(cfg, tiny_model)

@@ -4,7 +4,6 @@
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
@@ -12,13 +11,8 @@ from pipeline.config import DataConfig
 from pipeline.data import CorruptCache, prepare_data
 
 from conftest import lincoln_paragraphs
+from test_blocks import read_all
 from test_data import data_config, write_corpus
-
-
-def read_remote_blocks(shards):
-    tables = [pq.read_table(path, filesystem=fs) for fs, path in map(storage.filesystem, shards)]
-    return (np.concatenate([t.column("sample_id").to_numpy() for t in tables]),
-            np.concatenate([np.stack(t.column("input_ids").to_numpy(zero_copy_only=False)) for t in tables]))
 
 
 def test_bucket_corpus_and_cache_give_the_local_blocks(ray_with_s3, tmp_path, tiny_model):
@@ -33,24 +27,25 @@ def test_bucket_corpus_and_cache_give_the_local_blocks(ray_with_s3, tmp_path, ti
     assert not remote.cache_hit and remote.root.startswith(f"s3://{bucket}/cache/")
     assert remote.stats == local.stats
     for split in ("train", "eval"):
-        assert all(shard.startswith("s3://") for shard in remote.shards(split))
-        ids, blocks = read_remote_blocks(remote.shards(split))
-        local_ids, local_blocks = read_remote_blocks(local.shards(split))
-        np.testing.assert_array_equal(blocks, local_blocks)
-        np.testing.assert_array_equal(ids, local_ids)
-    stored = [f.relative for f in storage.list_files(remote.root)]
-    assert "meta.json" in stored and not [name for name in stored if name.startswith("tokens/")]
+        assert all(f.location.startswith("s3://") for f in remote.token_files[split])
+        reader = remote.reader(split)  # range reads from the bucket
+        np.testing.assert_array_equal(read_all(reader)[1], read_all(local.reader(split))[1])
+        picked = np.arange(reader.blocks)[::-3]
+        np.testing.assert_array_equal(reader.read(picked), read_all(local.reader(split))[1][picked])
+    stored = sorted(f.relative for f in storage.list_files(remote.root))
+    assert stored == sorted(["meta.json", *(f.location.removeprefix(remote.root + "/")
+                                             for split in ("train", "eval") for f in remote.token_files[split])])
 
     puts_before = sum(method == "PUT" for method, _ in s3.requests())
     again = prepare_data(cfg, tiny_model)
     assert again.cache_hit and again.stats == remote.stats
     assert sum(method == "PUT" for method, _ in s3.requests()) == puts_before  # a hit writes nothing
 
-    shard = remote.shards("train")[0]
+    shard = remote.token_files["train"][0].location
     key = shard.removeprefix(f"s3://{bucket}/")
     body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     s3.client().put_object(Bucket=bucket, Key=key, Body=body[:-10])
-    with pytest.raises(CorruptCache, match=rf"shard {shard} has {len(body) - 10} bytes, meta.json says {len(body)}"):
+    with pytest.raises(CorruptCache, match=rf"token file {shard} has {len(body) - 10} bytes, meta.json says {len(body)}"):
         prepare_data(cfg, tiny_model)
 
 

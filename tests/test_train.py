@@ -1,7 +1,6 @@
 """A real 2-worker TorchTrainer + DeepSpeed ZeRO-2 run on the tiny model, recorded in a real MLflow store."""
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -75,10 +74,9 @@ def test_checkpoints_every_n_ticks_keep_the_last_k(trained):
     assert len(list((outcome.checkpoint_dir / "tick-000008").glob("*optim_states.pt"))) == WORKERS
 
 
-def eval_loss_of(model, eval_shards, n_blocks):
+def eval_loss_of(model, eval_reader, n_blocks):
     """Mean next-token loss over the first n_blocks of the eval split, as the trainer defines it."""
-    table = pq.read_table(eval_shards[0]).slice(0, n_blocks)
-    ids = torch.tensor(np.stack(table.column("input_ids").to_numpy(zero_copy_only=False)), dtype=torch.long)
+    ids = torch.tensor(eval_reader.read(np.arange(n_blocks)), dtype=torch.long)
     with torch.no_grad():
         return float(model(input_ids=ids, labels=ids).loss)
 
@@ -89,7 +87,7 @@ def test_checkpoint_converts_to_the_trained_weights(trained):
     from pipeline.models import materialize_model
 
     model_ref = materialize_model(cfg.model)
-    eval_dir = prepare_data(cfg.data, model_ref).shards("eval")
+    eval_dir = prepare_data(cfg.data, model_ref).reader("eval")
     n_blocks = EVAL_BATCHES * MICRO * WORKERS
     exported = load_causal_lm(str(outcome.model_dir))
     original = load_causal_lm(model_ref)
@@ -138,7 +136,7 @@ def test_stage0_with_grad_accum_and_separate_eval_and_log_intervals(ray_session,
     from pipeline.data import prepare_data
     from pipeline.models import materialize_model
 
-    eval_dir = prepare_data(cfg.data, materialize_model(cfg.model)).shards("eval")
+    eval_dir = prepare_data(cfg.data, materialize_model(cfg.model)).reader("eval")
     exported = load_causal_lm(str(outcome.model_dir))
     n_blocks = EVAL_BATCHES * MICRO * WORKERS
     assert eval_loss_of(exported, eval_dir, n_blocks) == pytest.approx(outcome.metrics["eval_loss"], rel=1e-5)

@@ -26,7 +26,7 @@ SPLITS = ("train", "eval")
 # Listing-free work in Ray tasks (packing, the tokenizer stage's input) is light next to tokenizing;
 # a fractional request lets it run beside the tokenizer actors on a small machine.
 LIGHT_TASK_CPUS = 0.5
-BLOCKS_PER_WORKER = 4  # Ray Data blocks of chunks (or shard plans) per actor (or task slot)
+BLOCKS_PER_WORKER = 4  # Ray Data blocks of chunks per actor
 MIN_CHUNK_BYTES = 1024
 _GLOB = re.compile(r"[*?\[]")
 

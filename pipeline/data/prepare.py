@@ -1,20 +1,21 @@
-"""`pipeline prepare`: corpus -> packed parquet cache, keyed by a fingerprint of everything that
+"""`pipeline prepare`: corpus -> packed token cache, keyed by a fingerprint of everything that
 changes the blocks (corpus files by size and time, tokenizer, seq_len, split rule, format).
 
-    driver: list the corpus (one listing) -> fingerprint -> cache hit? verify shards, done.
-    miss:   plan chunks -> stage 1 (actors: read, tokenize, write token files) -> prefix sums
-            -> stage 2 (tasks: pack block ranges, write shards) -> meta.json, written last
+    driver: list the corpus (one listing) -> fingerprint -> cache hit? verify token files, done.
+    miss:   plan chunks -> actors: read, tokenize, write one token file per chunk and split
+            -> meta.json (every file's token count, size and SHA-256), written last
 
-The driver handles metadata only; every byte of the corpus and the tokens moves between Ray workers
-and storage, so a cluster reads and writes a bucket in parallel. A cache entry is complete when its
-`meta.json` exists (written last: object stores have no rename); a build that fails removes what it
-wrote, and one that died is cleared by the next build.
+The token files are the packed cache: block k of a split is tokens [k·L, (k+1)·L) of its files in
+chunk order (`pipeline.data.blocks`), so nothing is packed after tokenizing. The driver handles
+metadata only; every byte of the corpus and the tokens moves between Ray workers and storage, so a
+cluster reads and writes a bucket in parallel. A cache entry is complete when its `meta.json` exists
+(written last: object stores have no rename); a build that fails removes what it wrote, and one that
+died is cleared by the next build.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -25,26 +26,20 @@ from pipeline import storage
 from pipeline.cache import stable_hash
 from pipeline.config import Config, ConfigError, DataConfig, RayConfig
 from pipeline.data.bad_records import BadRecords, NoUsableDocuments, describe
+from pipeline.data.blocks import BlockReader, TokenFile, layout
 from pipeline.data.corpus import SPLITS, CorpusFile, chunk_size, list_corpus, plan_chunks
-from pipeline.data.pack import plan_split, write_shards
 from pipeline.data.parse import FileProblem, PieceReader
-from pipeline.data.tokenize import (
-    backend_tokenizer,
-    keep_backend_tokenizer,
-    token_file,
-    tokenize_chunks,
-    tokenizer_location,
-)
+from pipeline.data.tokenize import backend_tokenizer, keep_backend_tokenizer, tokenize_chunks, tokenizer_location
 
 log = logging.getLogger(__name__)
 
 # Bump when the packed layout or the packing rule changes, so old caches are not reused.
-PACK_FORMAT_VERSION = 2
+PACK_FORMAT_VERSION = 3
 META = "meta.json"
 
 
 class CorruptCache(ConfigError):
-    """A cache entry's shard is missing or does not match meta.json; the message names it."""
+    """A cache entry's token file is missing or does not match meta.json; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -52,18 +47,16 @@ class PreparedData:
     root: str  # the cache entry: a local directory or an object-storage URI
     fingerprint: str
     seq_len: int
-    stats: dict  # split -> {documents, tokens, blocks, dropped_tail_tokens, files}
+    stats: dict  # split -> {documents, tokens, blocks, dropped_tail_tokens}
     cache_hit: bool
     bad_records: dict[str, int]  # reason -> count of skipped records
     bad_examples: dict[str, str]  # reason -> the first such record, "file:line: reason (detail)"
-    shard_files: dict[str, list[str]]  # split -> its shards' locations, in sample_id order
+    token_files: dict[str, list[TokenFile]]  # split -> its token files, in stream order
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall seconds, in order
 
-    def split_dir(self, split: str) -> str:
-        return storage.join(self.root, split)
-
-    def shards(self, split: str) -> list[str]:
-        return self.shard_files[split]
+    def reader(self, split: str) -> BlockReader:
+        """Random access to the split's blocks by sample id (from local disk or object storage)."""
+        return BlockReader(self.token_files[split], self.seq_len)
 
     def blocks(self, split: str) -> int:
         return self.stats[split]["blocks"]
@@ -113,7 +106,7 @@ def data_fingerprint(cfg: DataConfig, files: list[CorpusFile], tokenizer_fingerp
 
 
 def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None = None) -> PreparedData:
-    """Reuse the packed cache when the fingerprint matches (verifying its shards); otherwise build it."""
+    """Reuse the packed cache when the fingerprint matches (verifying its token files); otherwise build it."""
     from pipeline.models import hf_dir_fingerprint
 
     seconds: dict[str, float] = {}
@@ -127,8 +120,8 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
         meta = _read_meta(root)
     cache_hit = meta is not None
     if cache_hit:
-        with timed(seconds, "verifying shards"):
-            verify_shards(root, meta["shards"], cfg.verify_checksums)
+        with timed(seconds, "verifying"):
+            verify_token_files(root, [f for split in SPLITS for f in meta["files"][split]], cfg.verify_checksums)
     else:
         from pipeline.runtime import ensure_ray
 
@@ -142,9 +135,9 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
     for reason, count in unreadable.counts.items():
         counts[reason] = counts.get(reason, 0) + count
         examples.setdefault(reason, unreadable.examples[reason])
-    shard_files = {split: [e["location"] for e in meta["shards"] if e["split"] == split] for split in SPLITS}
+    token_files = {split: [TokenFile(**f) for f in meta["files"][split]] for split in SPLITS}
     return PreparedData(root=root, fingerprint=fingerprint, seq_len=meta["seq_len"], stats=meta["stats"],
-                        cache_hit=cache_hit, bad_records=counts, bad_examples=examples, shard_files=shard_files,
+                        cache_hit=cache_hit, bad_records=counts, bad_examples=examples, token_files=token_files,
                         seconds=seconds)
 
 
@@ -192,18 +185,13 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
             everything = describe({**bad.counts, **unreadable.counts}, {**bad.examples, **unreadable.examples})
             raise NoUsableDocuments(f"data.path: no usable document in the {len(files)} readable files of "
                                     f"'{cfg.path}' ({everything or 'the corpus is empty'})")
-        layouts = {split: plan_split(split, [(token_file(root, split, r["chunk"]), r["tokens"][split])
-                                             for r in results if r["tokens"][split]],
-                                     cfg.seq_len, cfg.blocks_per_shard,
-                                     lambda index, s=split: storage.join(root, s, f"part-{index:05d}.parquet"))
-                   for split in SPLITS}
-        with timed(seconds, "packing"):
-            shards = write_shards([plan for layout in layouts.values() for plan in layout.shards], cfg.seq_len)
-            storage.delete(storage.join(root, "tokens"))
-        stats = {split: {"documents": documents[split], "tokens": layout.tokens, "blocks": layout.blocks,
-                         "dropped_tail_tokens": layout.dropped_tail_tokens, "files": len(layout.shards)}
-                 for split, layout in layouts.items()}
-        meta = {"version": PACK_FORMAT_VERSION, "seq_len": cfg.seq_len, "stats": stats, "shards": shards,
+        token_files = {split: [r["files"][split] for r in results if split in r["files"]] for split in SPLITS}
+        stats = {}
+        for split in SPLITS:
+            blocks = layout([TokenFile(**f) for f in token_files[split]], cfg.seq_len)
+            stats[split] = {"documents": documents[split], "tokens": blocks.tokens, "blocks": blocks.blocks,
+                            "dropped_tail_tokens": blocks.dropped_tail_tokens}
+        meta = {"version": PACK_FORMAT_VERSION, "seq_len": cfg.seq_len, "stats": stats, "files": token_files,
                 "model_ref": model_ref, "bad_records": bad.counts, "bad_examples": bad.examples,
                 "corpus": [f.location for f in files], "data_config": cfg.model_dump(mode="json")}
         storage.write_text(storage.join(root, META), json.dumps(meta, indent=1))  # the commit: last
@@ -248,22 +236,22 @@ def _bad_records(cfg: DataConfig, results: list[dict], chunks: list[list[dict]])
     return bad
 
 
-def verify_shards(root: str, shards: list[dict], checksums: bool) -> None:
-    """Every shard meta.json lists is there with its size (one listing) and, unless turned off, its
-    SHA-256 (read in parallel): a damaged cache is named here, not deep inside a training worker."""
+def verify_token_files(root: str, files: list[dict], checksums: bool) -> None:
+    """Every token file meta.json lists is there with its size (one listing) and, unless turned off,
+    its SHA-256 (read in parallel): a damaged cache is named here, not deep inside a training worker."""
     present = {f.location: f.size for f in storage.list_files(root)}
-    for shard in shards:
-        size = present.get(shard["location"])
+    for file in files:
+        size = present.get(file["location"])
         if size is None:
-            raise CorruptCache(f"data.cache_dir: shard {shard['location']} is missing; delete {root} to rebuild it")
-        if size != shard["bytes"]:
-            raise CorruptCache(f"data.cache_dir: shard {shard['location']} has {size} bytes, meta.json says "
-                               f"{shard['bytes']}; delete {root} to rebuild it")
+            raise CorruptCache(f"data.cache_dir: token file {file['location']} is missing; delete {root} to rebuild it")
+        if size != file["bytes"]:
+            raise CorruptCache(f"data.cache_dir: token file {file['location']} has {size} bytes, meta.json says "
+                               f"{file['bytes']}; delete {root} to rebuild it")
     if not checksums:
         return
     with ThreadPoolExecutor(storage.TRANSFER_THREADS) as pool:
-        digests = list(pool.map(lambda s: hashlib.sha256(storage.read_bytes(s["location"])).hexdigest(), shards))
-    for shard, digest in zip(shards, digests):
-        if digest != shard["sha256"]:
-            raise CorruptCache(f"data.cache_dir: shard {shard['location']} does not match its SHA-256 in "
+        digests = list(pool.map(lambda f: storage.sha256(f["location"]), files))
+    for file, digest in zip(files, digests):
+        if digest != file["sha256"]:
+            raise CorruptCache(f"data.cache_dir: token file {file['location']} does not match its SHA-256 in "
                                f"meta.json (corrupt); delete {root} to rebuild it")

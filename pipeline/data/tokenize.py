@@ -1,14 +1,16 @@
-"""Stage 1, in a Ray Data actor pool: read a chunk, tokenize it, write its token streams.
+"""In a Ray Data actor pool: read a chunk, tokenize it, write its token streams.
 
 Each call takes one chunk (a list of byte ranges of corpus files), streams its records, tokenizes the
 good ones in batches, appends EOS to each document, and writes one flat little-endian int32 file per
-split (`<build>/tokens/<split>/chunk-NNNNNN.bin`) straight to the cache location. It returns only
-metadata: token and document counts per split, bad-record counts with the first example of each, and
-the lines each piece owned (so the driver can turn a piece-local line number into the file's line).
+split (`<build>/<split>/chunk-NNNNNN.bin`) straight to the cache location: these files are the packed
+cache (`pipeline.data.blocks`). It returns only metadata: per split the token and document counts and
+the file's size and SHA-256, bad-record counts with the first example of each, and the lines each
+piece owned (so the driver can turn a piece-local line number into the file's line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -22,7 +24,7 @@ from pipeline.data.parse import FileProblem, PieceReader
 
 
 def token_file(build: str, split: str, chunk: int) -> str:
-    return storage.join(build, "tokens", split, f"chunk-{chunk:06d}.bin")
+    return storage.join(build, split, f"chunk-{chunk:06d}.bin")
 
 
 class TokenizeChunks:
@@ -53,7 +55,7 @@ class TokenizeChunks:
 
     def process(self, spec: dict) -> dict:
         result = {"chunk": spec["chunk"], "tokens": dict.fromkeys(SPLITS, 0), "documents": dict.fromkeys(SPLITS, 0),
-                  "bad": {}, "examples": {}, "first_bad": None, "lines": [], "problem": None}
+                  "files": {}, "bad": {}, "examples": {}, "first_bad": None, "lines": [], "problem": None}
         streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
         pending: dict[str, list[str]] = {split: [] for split in SPLITS}
         reader = PieceReader(self.cfg)
@@ -81,7 +83,11 @@ class TokenizeChunks:
             tokens = np.concatenate(streams[split]) if streams[split] else np.zeros(0, np.int32)
             result["tokens"][split] = len(tokens)
             if len(tokens):
-                storage.write_bytes(token_file(self.build, split, spec["chunk"]), tokens.astype("<i4").tobytes())
+                data = tokens.astype("<i4").tobytes()
+                location = token_file(self.build, split, spec["chunk"])
+                storage.write_bytes(location, data)
+                result["files"][split] = {"location": location, "tokens": len(tokens), "bytes": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()}
         return result
 
     def _encode(self, texts: list[str]) -> np.ndarray:
@@ -121,13 +127,13 @@ def keep_backend_tokenizer(location: str, backend: str, eos_token_id: int) -> No
 
 
 def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: tuple[str, int], build: str) -> list[dict]:
-    """Run stage 1 over every chunk on the cluster; the per-chunk metadata, in chunk order."""
+    """Tokenize every chunk on the cluster; the per-chunk metadata, in chunk order."""
     import ray
     import ray.data
 
     actors = max(1, min(cfg.tokenize_actors, len(chunks)))
     # Actors hold their CPUs for the whole run: if they took every CPU, nothing else (the stage's
-    # input task, a packing task) could be scheduled and the pipeline would wait forever.
+    # input task) could be scheduled and the pipeline would wait forever.
     cpus = ray.cluster_resources().get("CPU", 1.0)
     cpus_per_actor = min(1.0, max(0.01, (cpus - LIGHT_TASK_CPUS) / actors))
     # A few blocks per actor: enough to balance equal-sized chunks, few enough that scheduling a block

@@ -94,6 +94,10 @@ class Tracker:
         """step -> value of a metric already logged in this run (the last value per step)."""
         return {m.step: m.value for m in self.client.get_metric_history(self.target.run_id, key)}
 
+    def close(self) -> str | None:
+        """Every call above is synchronous: nothing is left to send."""
+        return None
+
 
 class NullTracker:
     """The no-op twin for ranks other than 0."""
@@ -109,6 +113,9 @@ class NullTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
+
+    def close(self) -> str | None:
+        return None
 
 
 class TrackingUnreachable(ConfigError):

@@ -220,3 +220,26 @@ def _checkpoints_in(directory: str) -> list[_Stored]:
 
 def _newest_first(checkpoints: list[_Stored]) -> list[_Stored]:
     return sorted(checkpoints, key=lambda c: c.order, reverse=True)
+
+
+def saved_world_size(directory: Path) -> int:
+    """The number of ranks that wrote a (local) checkpoint, from its manifests."""
+    return len(list(directory.glob(MANIFEST_GLOB)))
+
+
+def universal_copy(directory: Path, into: Path) -> tuple[Path, str]:
+    """DeepSpeed's universal form of a local checkpoint (parameters and optimizer state unpartitioned),
+    which a different number of ranks can load; (directory, tag). DeepSpeed refuses to load a ZeRO
+    checkpoint at another data-parallel size, and its `elastic_checkpoint` switch no longer works
+    (0.19.8: "Automatic adjustment ... not currently supported"), so an elastic restart converts."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    tag = (directory / TAG_FILE).read_text().strip()
+    # One worker each: no process pool inside a Ray worker. inject_missing_state: a plain (not
+    # tensor-parallel) model saves no UNIVERSAL_CHECKPOINT_INFO, and the converter would refuse it.
+    to_universal(argparse.Namespace(input_folder=str(directory / tag), output_folder=str(into / tag),
+                                    num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                    strict=True, inject_missing_state=True))
+    return into, tag

@@ -16,7 +16,8 @@ from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback
 from pipeline.train.export import export_model
-from pipeline.train.worker import WorkerPlan, train_worker
+from pipeline.train.rank import WorkerPlan
+from pipeline.train.worker import train_worker
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +175,10 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
-    train_ds = _read_split(data, "train")
-    if t.shuffle:
-        train_ds = train_ds.random_shuffle(seed=t.seed)
-    # A bounded eval subset, identical on every evaluation: eval_batches micro batches per worker.
-    eval_ds = _read_split(data, "eval").limit(t.eval_batches * t.micro_batch_size * t.num_workers)
-    # Keep the stored block order (deterministic runs); everything else as Ray Train's defaults.
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True
     storage_location = storage.resolve(storage_location)
-    plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, seq_len=data.seq_len,
+    # No Ray Dataset: each rank reads its slice of every tick's global batch by sample id
+    # (pipeline.train.source), so which samples train at a tick does not depend on the world size.
+    plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, data=data,
                       run_dir=storage.join(storage_location, storage_name))
     # Ray takes a path inside a filesystem (a bucket's key, not a URI) plus the filesystem: ours, so
     # that Ray and this pipeline reach the same endpoint with the same settings.
@@ -200,8 +195,6 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=callbacks or [],
         ),
-        datasets={"train": train_ds, "eval": eval_ds},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     try:
         return trainer.fit()
@@ -213,11 +206,3 @@ def stored_checkpoint(result, storage_location: str) -> str:
     """The location of a fit's final checkpoint (Ray reports a path inside the storage filesystem)."""
     return storage.to_location(storage.resolve(storage_location), result.checkpoint.path)
 
-
-def _read_split(data: PreparedData, split: str):
-    import ray.data
-
-    # Exactly the shards meta.json lists, in sample_id order (never whatever else the directory holds).
-    shards = data.shards(split)
-    filesystem, _ = storage.filesystem(shards[0])
-    return ray.data.read_parquet([storage.filesystem(s)[1] for s in shards], filesystem=filesystem)

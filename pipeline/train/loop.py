@@ -1,0 +1,190 @@
+"""The training loop of one rank, as a library: it runs inside a Ray Train worker and, for tests and
+quick iteration, in one plain process (`pipeline.train.local`).
+
+The loop knows its rank and world size but not Ray: batches come from a `TickBatches` source and
+results go to a `Reporter`. Every rank runs the same micro-steps, evals and checkpoints, because
+each of them is a collective under ZeRO.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pipeline.config import Config, NoiseConfig
+from pipeline.noise import NoiseContext, noise_context, sigma_at
+from pipeline.train.checkpoints import TAG_FILE, write_manifest
+from pipeline.train.clock import TickClock, check_ticks_agree
+from pipeline.train.source import MicroBatch, TickBatches
+from pipeline.train.tick_log import TickLog
+
+CHECKPOINT_TAG = "tick-{tick:06d}"
+
+SaveCheckpoint = Callable[[Path], None]  # writes this rank's checkpoint files into a local directory
+
+
+class Reporter(Protocol):
+    """Where a rank's results go: Ray Train's report (and checkpoint upload), or a local directory."""
+
+    def report(self, metrics: dict, save: SaveCheckpoint | None) -> None: ...
+
+
+@dataclass
+class Rank:
+    """One rank's engine and place in the world."""
+
+    engine: object  # a DeepSpeed engine
+    scheduler: object  # its LR scheduler
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclass
+class Progress:
+    """What a checkpoint restores besides the engine: the tick, the pre-training eval, unsent metrics."""
+
+    clock: TickClock
+    first_eval: dict | None = None
+    unsent: list | None = None
+
+
+def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches: TickBatches,
+                evaluation: list[MicroBatch], ticks: TickLog, reporter: Reporter, say) -> None:
+    """Ticks until train.max_ticks: micro-steps under the tick's noise, then log, evaluate, checkpoint."""
+    t = cfg.train
+    engine, clock = me.engine, progress.clock
+
+    def evaluate() -> dict[str, float]:
+        loss = _evaluate(engine, evaluation, me.device)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    if progress.first_eval is None:
+        progress.first_eval = evaluate()
+        ticks.log({**progress.first_eval, "tick": clock.tick}, clock.tick)
+        say(f"[pipeline] tick {clock.tick}: eval loss {progress.first_eval['eval_loss']:.4f}, "
+            f"perplexity {progress.first_eval['eval_perplexity']:.2f} (before training)")
+
+    tokens_per_tick = t.samples_per_tick * (seq_len - 1)
+    # DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only; at stage 0 with
+    # a plain torch optimizer it reports None, so there we measure the same thing ourselves.
+    measure_grad_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    engine.train()  # from_pretrained leaves the model in eval mode (no dropout, no noise)
+    while clock.tick < t.max_ticks:
+        started = time.perf_counter()
+        lr = me.scheduler.get_last_lr()[0]  # the rate this tick's optimizer step uses
+        sigma = sigma_at(cfg.noise.sigma, cfg.noise.decay, clock.tick)
+        tick_noise = clock.tick
+        micro_batches = batches.get(clock.tick)
+        data_wait = time.perf_counter() - started
+        losses = []
+        for micro, batch in enumerate(micro_batches):
+            input_ids = batch.input_ids.to(me.device)
+            # The backward pass stays inside the context: activation recomputation must see the same noise.
+            with noise_context(_noise_context(cfg.noise, sigma, tick_noise, batch.sample_ids, me.device)):
+                loss = engine(input_ids=input_ids, labels=input_ids).loss
+                engine.backward(loss)
+            if measure_grad_norm and micro == len(micro_batches) - 1:
+                grad_norm = _grad_norm(engine.module)  # averaged over ranks, before clipping
+            engine.step()
+            losses.append(loss.detach().float())
+            clock.micro_step_done(t.accum_steps)
+        if not measure_grad_norm:
+            reported = engine.get_global_grad_norm()
+            grad_norm = float("nan") if reported is None else float(reported)
+        metrics = {
+            "loss": _mean_over_ranks(torch.stack(losses).mean(), me.world),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_tick / (time.perf_counter() - started),
+            "data_wait_s": data_wait,  # time this rank waited for input: high means input-bound
+            "noise_sigma": sigma,
+            "epoch": batches.order.epoch(tick_noise),
+            "tick": clock.tick,
+        }
+        last_tick = clock.tick == t.max_ticks
+        evaluated = (t.eval_every and clock.tick % t.eval_every == 0) or last_tick
+        if evaluated:
+            metrics.update(evaluate())
+        if clock.tick % t.log_every == 0 or evaluated:
+            check_ticks_agree(clock.tick, me.device)
+            ticks.log(metrics, clock.tick)
+            say(_progress_line(metrics, t.max_ticks))
+        checkpoint_due = (t.checkpoint_every and clock.tick % t.checkpoint_every == 0) or last_tick
+        if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
+            report = {**metrics, **{f"{k}_start": v for k, v in progress.first_eval.items()}}
+            unsent = ticks.unsent() if checkpoint_due else []
+            reporter.report(report, _saver(me, progress, unsent) if checkpoint_due else None)
+
+
+def _saver(me: Rank, progress: Progress, unsent: list) -> SaveCheckpoint:
+    def save(directory: Path) -> None:
+        tag = CHECKPOINT_TAG.format(tick=progress.clock.tick)
+        me.engine.save_checkpoint(str(directory), tag=tag, client_state={
+            "clock": progress.clock.state_dict(), "first_eval": progress.first_eval, "unsent_metrics": unsent})
+        Path(directory, TAG_FILE).write_text(tag)
+        write_manifest(Path(directory), me.rank, me.world, progress.clock.tick)
+    return save
+
+
+def resume(me: Rank, directory: Path | None, tag: str | None, own_run: bool) -> Progress:
+    """Load a local checkpoint copy into the engine (a fresh start when None; `tag` None: its
+    newest); `own_run` when it is this run's own (after a restart), whose unsent metrics are then
+    carried over."""
+    if directory is None:
+        return Progress(TickClock())
+    _, client_state = me.engine.load_checkpoint(str(directory), tag=tag)
+    clock = TickClock()
+    clock.load_state_dict(client_state["clock"])
+    return Progress(clock, client_state.get("first_eval"), client_state.get("unsent_metrics", []) if own_run else [])
+
+
+def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,
+                   device: torch.device) -> NoiseContext | None:
+    if sigma == 0.0:
+        return None
+    return NoiseContext(sigma=sigma, seed=noise.seed, tick=tick, sample_ids=sample_ids.to(device))
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def _evaluate(engine, batches: list[MicroBatch], device) -> float:
+    """Mean next-token loss over the run's fixed eval subset, summed across all ranks."""
+    import torch.distributed as dist
+
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), noise_context(None):  # evaluation is always noise-free
+        for batch in batches:
+            input_ids = batch.input_ids.to(device)
+            predicted = input_ids.numel() - input_ids.shape[0]  # the first token of each row has no target
+            totals[0] += engine(input_ids=input_ids, labels=input_ids).loss.double() * predicted
+            totals[1] += predicted
+    engine.train()
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return float(value) / world
+
+
+def _progress_line(metrics: dict, total: int) -> str:
+    line = (f"[pipeline] tick {metrics['tick']}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+            f"grad-norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s")
+    if "eval_loss" in metrics:
+        line += f" | eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
+    return line

@@ -1,0 +1,158 @@
+"""One rank from start to finish, Ray or not: build the engine, resume, train, close the tracker.
+
+`train.worker` runs this inside Ray Train; `train.local` runs it in one plain process. Both pass the
+rank's place in the world and a `Reporter`; everything else comes from the `WorkerPlan`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, is_uri
+from pipeline.data import PreparedData
+from pipeline.data.order import SampleOrder
+from pipeline.tracking import NullTracker, RunTarget
+from pipeline.tracking.buffer import BufferedTracker
+from pipeline.tracking.secrets import redact
+from pipeline.train.checkpoints import local_checkpoint, resume_point, saved_world_size, universal_copy
+from pipeline.train.loop import Rank, Reporter, resume, train_ticks
+from pipeline.train.schedule import deepspeed_config, lr_multiplier
+from pipeline.train.source import TickBatches, eval_batches
+from pipeline.train.tick_log import TickLog
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Everything a rank needs, resolved by the driver before training starts."""
+
+    config: Config
+    model_ref: str  # a HF directory: local, or a URI each node copies from (or a hub id)
+    run: RunTarget | None
+    data: PreparedData  # the packed cache: its token files, read by sample id
+    # Where this run's checkpoints are stored (each rank uploads its own files): a URI, or a local
+    # path every node shares. Canonical (storage.resolve): checkpoints are compared with it.
+    run_dir: str
+
+
+def sample_order(cfg: Config, data: PreparedData) -> SampleOrder:
+    return SampleOrder(blocks=data.blocks("train"), global_batch=cfg.train.samples_per_tick, seed=cfg.train.seed,
+                       shuffle=cfg.train.shuffle)
+
+
+def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, universal: bool):
+    """The model with fused norms, under a DeepSpeed engine; `universal` when it will load a
+    universal checkpoint (written by another number of ranks)."""
+    import deepspeed
+
+    from pipeline.models import load_causal_lm, patch_norms_with_report
+
+    cfg = plan.config.train
+    torch.manual_seed(cfg.seed)
+    model = load_causal_lm(plan.model_ref)
+    model.config.use_cache = False
+    norms = patch_norms_with_report(model, backend=plan.config.kernel.backend)  # before ZeRO partitions weights
+    optimizer = None if cfg.use_gpu else torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    config = deepspeed_config(cfg)
+    if universal:
+        config["checkpoint"] = {"load_universal": True}
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, dist_init_required=False,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, cfg.max_ticks)))
+    return Rank(engine, scheduler, rank, world, device), norms
+
+
+def _scratch() -> Path:
+    root = storage.local_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def eval_samples(cfg: Config, data: PreparedData) -> int:
+    """The fixed eval subset: eval_batches global micro batches, whatever the world size, rounded
+    down to a multiple of it when the split is smaller."""
+    t = cfg.train
+    wanted = min(data.blocks("eval"), t.eval_batches * t.micro_batch_size * t.num_workers)
+    return wanted - wanted % t.num_workers
+
+
+def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: torch.device,
+             reporter: Reporter) -> int:
+    """Train this rank to train.max_ticks; the number of training samples it read."""
+    storage.configure(plan.config.storage)  # a worker process has the driver's settings only through the plan
+    cfg = plan.config.train
+    torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // local_world))
+    # Rank 0 alone prints, and never a credential (an error message may quote the tracking URI).
+    say = (lambda text: print(redact(text), flush=True)) if rank == 0 else (lambda text: None)
+    with _checkpoint_to_resume(plan, rank, world, say) as (location, directory), \
+            tempfile.TemporaryDirectory(prefix="universal-", dir=_scratch()) as scratch:
+        tag = None
+        if directory is not None and saved_world_size(directory) != world:
+            say(f"[pipeline] the checkpoint was written by {saved_world_size(directory)} ranks and {world} resume "
+                "it: converting it to DeepSpeed's universal format")
+            directory, tag = universal_copy(directory, Path(scratch))
+        me, norms = _build_rank(plan, rank, world, device, universal=tag is not None)
+        progress = resume(me, directory, tag, own_run=bool(location) and location.startswith(plan.run_dir.rstrip("/") + "/"))
+        if location:
+            say(f"[pipeline] resumed from {location} at tick {progress.clock.tick}")
+
+    tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, _spill_dir(cfg.output_dir))
+               if rank == 0 and plan.run else NullTracker())
+    say(f"[pipeline] fused norms: {norms.summary()}")
+    tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
+                        "norms.blocks": norms.blocks})
+    data = plan.data
+    batches = TickBatches(data.reader("train"), sample_order(plan.config, data), rank, world, cfg.micro_batch_size,
+                          end_tick=cfg.max_ticks)
+    evaluation = eval_batches(data.reader("eval"), eval_samples(plan.config, data), rank, world, cfg.micro_batch_size)
+    try:
+        train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation,
+                    TickLog(tracker, progress.clock.tick, say, progress.unsent or []), reporter, say)
+    finally:
+        batches.close()
+        warning = tracker.close()
+        if warning:
+            say(f"[pipeline] {warning}")
+    return batches.reader.samples_read
+
+
+@contextlib.contextmanager
+def _checkpoint_to_resume(plan: WorkerPlan, rank: int, world: int, say):
+    """(location, local directory) of the checkpoint to resume from, verified against its manifests,
+    or (None, None) for a fresh start.
+
+    First choice: the newest valid checkpoint in this run's own storage (after a restart). Looking
+    there, rather than only at the checkpoint Ray registered, also finds one every rank had finished
+    uploading when a worker died just before Ray registered it. Rank 0 chooses (hashing every file
+    once, not once per rank) and tells the others, so all ranks load the same one; else
+    train.resume_from (verified by the driver). Every rank then reads it from a local copy: DeepSpeed
+    loads every rank's ZeRO shards, so each rank downloads the whole checkpoint when it is remote."""
+    import torch.distributed as dist
+
+    decision = [None, []]
+    if rank == 0:
+        decision = list(resume_point(plan.run_dir, plan.config.train.resume_from))
+    if world > 1:
+        dist.broadcast_object_list(decision, src=0)
+    location, warnings = decision
+    for warning in warnings:
+        say(f"[pipeline] {warning}")
+    if location is None:
+        yield None, None
+        return
+    with local_checkpoint(location) as directory:
+        yield location, directory
+
+
+def _spill_dir(output_dir: str) -> Path:
+    """Where rank 0 writes tracking records it could not send: beside the checkpoints when they are
+    on local or shared disk; on this node's local disk when they are in object storage (the warning
+    that names the file says on which node)."""
+    return storage.local_cache_root() / "unsent-tracking" if is_uri(output_dir) else Path(output_dir).resolve()
