@@ -4,15 +4,17 @@ from pipeline.tracking.runs import format_runs, recent_runs
 from pipeline.tracking.store import (
     NullTracker,
     RunTarget,
+    RunTracker,
     Tracker,
     TrackingUnreachable,
     check_reachable,
-    end_run,
     load_pyfunc,
     log_hf_model,
+    run_status,
+    set_status,
     start_run,
     tracking_uri,
 )
 
-__all__ = ["NullTracker", "RunTarget", "Tracker", "TrackingUnreachable", "check_reachable", "end_run", "format_runs", "load_pyfunc", "log_hf_model",
-           "recent_runs", "start_run", "tracking_uri"]
+__all__ = ["NullTracker", "RunTarget", "RunTracker", "Tracker", "TrackingUnreachable", "check_reachable", "format_runs",
+           "load_pyfunc", "log_hf_model", "recent_runs", "run_status", "set_status", "start_run", "tracking_uri"]

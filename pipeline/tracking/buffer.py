@@ -41,9 +41,8 @@ class BufferedTracker:
         self._thread = threading.Thread(target=self._send_forever, name="tracking-sender", daemon=True)
         self._thread.start()
 
-    @property
-    def client(self):
-        return self._tracker.client
+    def tags(self) -> dict[str, str]:
+        return self._tracker.tags()
 
     def history(self, key: str) -> dict[int, float]:
         """Read at once, not queued: the caller decides what to do if the server is down."""

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from pipeline.config import Config, ConfigError, flatten, to_yaml
 from pipeline.tracking.secrets import redact
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STORE = Path("mlruns")
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+STOPPED_TAG = "pipeline.stopped_by"  # asha | interrupt
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -62,8 +64,22 @@ class RunTarget:
     run_id: str
 
 
+class RunTracker(Protocol):
+    """What training logs through: `Tracker` (synchronous), `BufferedTracker` (rank 0's queue that
+    survives outages) and `NullTracker` (every other rank, and runs without tracking)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None: ...
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def history(self, key: str) -> dict[int, float]: ...
+    def tags(self) -> dict[str, str]: ...
+    def unsent_metrics(self) -> list[tuple[dict, int, int]]: ...
+    def close(self) -> str | None: ...
+
+
 class Tracker:
-    """Logs metrics for one run. Rank 0 gets this; every other rank gets NullTracker."""
+    """Logs metrics for one run, synchronously."""
 
     def __init__(self, target: RunTarget):
         self.target = target
@@ -94,8 +110,13 @@ class Tracker:
         """step -> value of a metric already logged in this run (the last value per step)."""
         return {m.step: m.value for m in self.client.get_metric_history(self.target.run_id, key)}
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.target.run_id).data.tags)
+
+    def unsent_metrics(self) -> list[tuple[dict, int, int]]:
+        return []  # every call above is synchronous: nothing waits to be sent
+
     def close(self) -> str | None:
-        """Every call above is synchronous: nothing is left to send."""
         return None
 
 
@@ -113,6 +134,15 @@ class NullTracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
+
+    def history(self, key: str) -> dict[int, float]:
+        return {}
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+    def unsent_metrics(self) -> list[tuple[dict, int, int]]:
+        return []
 
     def close(self) -> str | None:
         return None
@@ -172,9 +202,28 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) ->
     return tracker
 
 
-def end_run(tracker: Tracker, status: str) -> None:
+def set_status(target: RunTarget, status: str, stopped_by: str | None = None) -> None:
+    """End a run as FINISHED, FAILED or KILLED (`stopped_by` tags who stopped it: asha, interrupt)."""
     assert status in STATUSES, status
-    tracker.client.set_terminated(tracker.target.run_id, status=status)
+    client = client_for(target.uri)
+    if stopped_by:
+        client.set_tag(target.run_id, STOPPED_TAG, stopped_by)
+    client.set_terminated(target.run_id, status=status)
+
+
+@contextlib.contextmanager
+def run_status(target: RunTarget) -> Iterator[None]:
+    """The one owner of a run's end: FINISHED when the block completes, KILLED on Ctrl-C, FAILED on
+    any other error (which propagates)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        set_status(target, "KILLED", "interrupt")
+        raise
+    except BaseException:
+        set_status(target, "FAILED")
+        raise
+    set_status(target, "FINISHED")
 
 
 @contextlib.contextmanager

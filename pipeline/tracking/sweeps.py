@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.tracking.store import RunTarget, Tracker, client_for, start_run, using_tracking_uri
+from pipeline.tracking.store import RunTarget, Tracker, client_for, set_status, start_run, using_tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "pipeline.trial_id"
 ROLE_TAG = "pipeline.role"  # sweep (the parent) | trial
-STOPPED_TAG = "pipeline.stopped_by"  # asha | interrupt
 
 
 def child_runs(target: RunTarget) -> list:
@@ -39,13 +38,6 @@ def start_trial_run(cfg: Config, parent: RunTarget, trial_id: str, run_name: str
     if existing is not None:
         return reopen_run(existing)
     return start_run(cfg, run_name, tags={PARENT_TAG: parent.run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"})
-
-
-def set_status(target: RunTarget, status: str, stopped_by: str | None = None) -> None:
-    client = client_for(target.uri)
-    if stopped_by:
-        client.set_tag(target.run_id, STOPPED_TAG, stopped_by)
-    client.set_terminated(target.run_id, status=status)
 
 
 def close_running_children(parent: RunTarget, status: str = "KILLED", stopped_by: str = "interrupt") -> int:

@@ -148,24 +148,16 @@ def run_training(cfg: Config) -> TrainOutcome:
     # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"
     output = storage.resolve(cfg.train.output_dir)
-    status = "FAILED"
-    try:
+    with tracking.run_status(tracker.target):
         storage_location = storage.join(output, "ray")
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
         checkpoint = stored_checkpoint(result, storage_location)
         model = export_model(checkpoint, model_ref, storage.join(output, run_key, "model"))
         model_uri = (tracking.log_hf_model(tracker, model.local_dir, cfg.tracking.max_new_tokens)
                      if cfg.tracking.log_model else None)
-        status = "FINISHED"
-        return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
-                            metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
-                            model_uri=model_uri, checkpoint=checkpoint)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.end_run(tracker, status)
-
+    return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
+                        metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
+                        model_uri=model_uri, checkpoint=checkpoint)
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None):

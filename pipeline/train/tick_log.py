@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pipeline.tracking import NullTracker
+from pipeline.tracking import RunTracker
 
 
 class TickLog:
     """`carried`: the metrics rank 0 had not yet sent when the checkpoint resumed from was written
     (only for a checkpoint of this same run); they are sent now unless MLflow already has them."""
 
-    def __init__(self, tracker, resumed_tick: int, say: Callable[[str], None], carried: list | tuple = ()):
+    def __init__(self, tracker: RunTracker, resumed_tick: int, say: Callable[[str], None], carried: list | tuple = ()):
         self.tracker = tracker
         self.say = say
         self.resumed_tick = resumed_tick
@@ -25,14 +25,13 @@ class TickLog:
         self.logged_loss: dict[int, float] = {}
         self.restart = 0
         self.max_rel_diff = 0.0
-        if not isinstance(tracker, NullTracker):
-            self._read_history(list(carried))
+        self._read_history(list(carried))
 
     def _read_history(self, carried: list) -> None:
         try:
             ticks = self.tracker.history("tick")
             self.logged_loss = self.tracker.history("loss")
-            tags = self.tracker.client.get_run(self.tracker.target.run_id).data.tags
+            tags = self.tracker.tags()
         except Exception as exc:  # noqa: BLE001 - a tracking outage must not stop training
             self.say(f"[pipeline] warning: could not read the ticks this run already logged ({exc}); "
                      "after a restart, redone ticks may appear twice")
@@ -61,7 +60,7 @@ class TickLog:
         return steps
 
     def unsent(self) -> list:
-        return self.tracker.unsent_metrics() if hasattr(self.tracker, "unsent_metrics") else []
+        return self.tracker.unsent_metrics()
 
     def log(self, metrics: dict[str, float], tick: int) -> None:
         if tick > self.last_logged:

@@ -73,7 +73,7 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
     """Run (or, with `resume`, an experiment directory's location, continue) a sweep; returns what it found."""
     from pipeline import tracking
     from pipeline.tracking.sweeps import reopen_run
-    from pipeline.train.launch import check_against_data, prepare
+    from pipeline.train import check_against_data, prepare
 
     if resume is not None:
         experiment_dir = storage.resolve(str(resume))
@@ -102,16 +102,11 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
         interrupted = results is None or bool(cut_short) or len(results) < cfg.sweep.num_samples or any(
             "tick" not in (result.metrics or {}) and result.error is None for result in results)
         if interrupted:
-            tracking.end_run(parent, "KILLED")
+            tracking.set_status(parent.target, "KILLED", "interrupt")
     if interrupted:
         return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=True)
-    try:
-        outcome = _summarize(cfg, model_ref, parent, experiment_dir, results)
-    except BaseException:
-        tracking.end_run(parent, "FAILED")
-        raise
-    tracking.end_run(parent, "FINISHED")
-    return outcome
+    with tracking.run_status(parent.target):
+        return _summarize(cfg, model_ref, parent, experiment_dir, results)
 
 
 def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir: str, resume: bool):
@@ -198,7 +193,7 @@ def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoin
     run, register it."""
     from pipeline.tracking import log_hf_model
     from pipeline.tracking.sweeps import register_model
-    from pipeline.train.export import export_model
+    from pipeline.train import export_model
 
     if checkpoint is None or not cfg.tracking.log_model:
         return None

@@ -16,8 +16,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data import PreparedData
-from pipeline.tracking import RunTarget
-from pipeline.tracking.sweeps import set_status, start_trial_run, trial_run
+from pipeline.tracking import RunTarget, set_status
+from pipeline.tracking.sweeps import start_trial_run, trial_run
 from pipeline.tune.space import trial_overrides
 
 COMPLETED = "driver_completed"  # in the last result of a trial that ran to its end
@@ -35,7 +35,7 @@ class TrialPlan:
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
-    from pipeline.train.launch import fit, stored_checkpoint
+    from pipeline.train import fit, stored_checkpoint
 
     storage.configure(plan.config.storage)  # a trial driver is a process of its own
     trial_id = tune.get_context().get_trial_id()
