@@ -115,7 +115,8 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
         files = list_corpus(cfg, unreadable)  # unreadable entries are counted (or fail) here, before Ray reads
         if not files:
             raise NoUsableDocuments(f"data.path: no readable file in '{cfg.path}' ({unreadable.summary()})")
-        fingerprint = data_fingerprint(cfg, files, hf_dir_fingerprint(model_ref))
+        model_key = hf_dir_fingerprint(model_ref)
+        fingerprint = data_fingerprint(cfg, files, model_key)
         root = storage.join(cfg.cache_dir, fingerprint)
         meta = _read_meta(root)
     cache_hit = meta is not None
@@ -126,9 +127,17 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
         from pipeline.runtime import ensure_ray
 
         check_first_file(cfg, files[0])
-        with timed(seconds, "starting Ray"):
-            ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
-        meta = _build(cfg, files, model_ref, root, unreadable, seconds)
+        kept_at = tokenizer_location(cfg.cache_dir, model_key)
+        # The tokenizer loads (importing transformers, seconds, unless it was kept) while Ray starts.
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+            tokenizer = pool.submit(backend_tokenizer, model_ref, kept_at)
+            with timed(seconds, "starting Ray"):
+                ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
+            with timed(seconds, "loading the tokenizer"):
+                backend, eos_token_id, kept = tokenizer.result()
+        meta = _build(cfg, files, model_ref, root, unreadable, seconds, (backend, eos_token_id))
+        if not kept:  # only after a build that succeeded: a failed one leaves nothing behind
+            keep_backend_tokenizer(kept_at, backend, eos_token_id)
     # Unreadable entries are not part of the cached corpus (the fingerprint covers readable files only),
     # so they are counted afresh on every run; records are counted when the cache was built.
     counts, examples = dict(meta["bad_records"]), dict(meta["bad_examples"])
@@ -166,11 +175,7 @@ def check_first_file(cfg: DataConfig, first: CorpusFile) -> None:
 
 
 def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, unreadable: BadRecords,
-           seconds: dict[str, float]) -> dict:
-    from pipeline.models import hf_dir_fingerprint
-
-    kept_at = tokenizer_location(cfg.cache_dir, hf_dir_fingerprint(model_ref))
-    backend, eos_token_id, kept = backend_tokenizer(model_ref, kept_at)
+           seconds: dict[str, float], tokenizer: tuple[str, int]) -> dict:
     storage.delete(root)  # what a build that died before writing meta.json left behind
     try:
         chunks = [[{"location": p.file.location, "name": p.file.name, "size": p.file.size, "start": p.start,
@@ -178,7 +183,7 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
                   for chunk in plan_chunks(files, cfg.format, chunk_size(files, cfg.chunk_bytes, cfg.tokenize_actors))]
         with timed(seconds, "reading + tokenizing"):
             results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
-                                      (backend, eos_token_id), root)
+                                      tokenizer, root)
         bad = _bad_records(cfg, results, chunks)
         documents = {split: sum(r["documents"][split] for r in results) for split in SPLITS}
         if not any(documents.values()):
@@ -195,8 +200,6 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
                 "model_ref": model_ref, "bad_records": bad.counts, "bad_examples": bad.examples,
                 "corpus": [f.location for f in files], "data_config": cfg.model_dump(mode="json")}
         storage.write_text(storage.join(root, META), json.dumps(meta, indent=1))  # the commit: last
-        if not kept:  # only after a build that succeeded: a failed one leaves nothing behind
-            keep_backend_tokenizer(kept_at, backend, eos_token_id)
         return meta
     except BaseException:
         storage.delete(root)

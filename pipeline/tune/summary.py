@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.tracking import RunTarget
-from pipeline.tracking.store import client_for
-from pipeline.tracking.sweeps import STOPPED_TAG, TRIAL_TAG, child_runs
+from pipeline.tracking.store import STOPPED_TAG, client_for
+from pipeline.tracking.sweeps import TRIAL_TAG, child_runs
 
 COLUMNS = ["trial_id", "run_id", "status", "stopped_by", "sigma", "lr", "ticks", "eval_loss", "best_eval_loss"]
 
