@@ -84,7 +84,7 @@ def load(args: argparse.Namespace) -> Config:
     return cfg
 
 
-@command("prepare", "tokenize and pack the corpus into the parquet cache (needs no tracking server)",
+@command("prepare", "tokenize the corpus into the packed token cache (needs no tracking server)",
          config_arguments)
 def prepare_command(args: argparse.Namespace) -> int:
     from pipeline.data import prepare

@@ -76,6 +76,8 @@ def test_a_tick_batch_is_a_pure_function_of_seed_epoch_and_tick():
     np.testing.assert_array_equal(order.batch(123_456_789), SampleOrder(10**12, 512, 7).batch(123_456_789))
     assert len(set(order.batch(5).tolist())) == 512
     assert not np.array_equal(order.batch(5), SampleOrder(10**12, 512, 8).batch(5))
+    # (seed, epoch) pairs do not collide: seed 0's epoch 1 is not seed 1's epoch 0.
+    assert not np.array_equal(SampleOrder(100, 8, seed=0).batch(12), SampleOrder(100, 8, seed=1).batch(0))
 
 
 def test_every_epoch_is_a_fresh_permutation_with_an_exact_boundary():
@@ -90,3 +92,14 @@ def test_every_epoch_is_a_fresh_permutation_with_an_exact_boundary():
     assert all(len(rest) == 7 for rest in left_out) and left_out[0] != left_out[1]
     unshuffled = SampleOrder(blocks=103, global_batch=8, seed=3, shuffle=False)
     np.testing.assert_array_equal(unshuffled.batch(13), np.arange(8, 16))  # epoch 1, tick 1: in stored order
+
+
+def test_a_reader_keeps_a_bounded_number_of_files_open(tmp_path):
+    from pipeline.data.blocks import OPEN_FILES
+
+    stream = np.arange(1, 3 * OPEN_FILES * 8 + 1, dtype=np.int32)
+    reader = BlockReader(token_files(tmp_path, np.split(stream, 3 * OPEN_FILES)), seq_len=8)  # a block per file
+    order = np.random.default_rng(0).permutation(reader.blocks)
+    np.testing.assert_array_equal(reader.read(order), stream.reshape(-1, 8)[order])
+    assert len(reader._handles) <= OPEN_FILES
+    reader.close()

@@ -31,7 +31,10 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 def permute(positions, size: int, key: int) -> np.ndarray:
     """The keyed permutation of [0, size) at `positions` (each in [0, size))."""
-    positions = np.asarray(positions, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.int64)
+    if len(positions) and (positions.min() < 0 or positions.max() >= size):
+        raise ValueError(f"positions must lie in [0, {size})")  # outside the domain cycle-walking never ends
+    positions = positions.astype(np.uint64)
     if size <= 1:
         return positions.astype(np.int64)
     half = max(1, ((size - 1).bit_length() + 1) // 2)
@@ -74,5 +77,7 @@ class SampleOrder:
         positions = np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
         if not self.shuffle:
             return positions
-        key = int(_mix(np.array([self.seed % (1 << 64)], dtype=np.uint64) ^ np.uint64(epoch))[0])
+        # Mixed before the epoch is added: (seed, epoch) pairs must not collide (as seed ^ epoch would).
+        with np.errstate(over="ignore"):
+            key = int(_mix(_mix(np.array([self.seed % (1 << 64)], dtype=np.uint64)) + np.uint64(epoch))[0])
         return permute(positions, self.blocks, key)

@@ -214,14 +214,15 @@ def set_status(target: RunTarget, status: str, stopped_by: str | None = None) ->
 @contextlib.contextmanager
 def run_status(target: RunTarget) -> Iterator[None]:
     """The one owner of a run's end: FINISHED when the block completes, KILLED on Ctrl-C, FAILED on
-    any other error (which propagates)."""
+    any other error, which propagates (a tracking outage while recording it is only logged)."""
     try:
         yield
-    except KeyboardInterrupt:
-        set_status(target, "KILLED", "interrupt")
-        raise
-    except BaseException:
-        set_status(target, "FAILED")
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        try:
+            set_status(target, "KILLED" if interrupted else "FAILED", "interrupt" if interrupted else None)
+        except Exception as outage:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not record the end of run %s: %s", target.run_id, outage)
         raise
     set_status(target, "FINISHED")
 

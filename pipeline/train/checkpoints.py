@@ -227,6 +227,13 @@ def saved_world_size(directory: Path) -> int:
     return len(list(directory.glob(MANIFEST_GLOB)))
 
 
+def needs_conversion(directory: Path, world: int) -> bool:
+    """Whether `world` ranks can load this local checkpoint only in universal form: it was written by
+    another number of ranks and holds partitioned optimizer state (ZeRO >= 1, or bf16 at stage 0).
+    A stage-0 fp32 checkpoint holds whole states and loads at any world size as it is."""
+    return saved_world_size(directory) != world and any(directory.glob("*/*optim_states.pt"))
+
+
 def universal_copy(directory: Path, into: Path) -> tuple[Path, str]:
     """DeepSpeed's universal form of a local checkpoint (parameters and optimizer state unpartitioned),
     which a different number of ranks can load; (directory, tag). DeepSpeed refuses to load a ZeRO

@@ -141,14 +141,14 @@ def run_training(cfg: Config) -> TrainOutcome:
     check_against_data(cfg, data)
     run_name = cfg.tracking.run_name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint})
-    tracker.log_params({"data.train_blocks": data.blocks("train"), "data.eval_blocks": data.blocks("eval"),
-                        "model.resolved": model_ref, "data.bad_records": sum(data.bad_records.values()),
-                        **{f"data.bad_records.{reason}": count for reason, count in data.bad_records.items()}})
     # Ray Train resumes a run whose name it finds in storage, and run names repeat (a fixed
     # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"
     output = storage.resolve(cfg.train.output_dir)
     with tracking.run_status(tracker.target):
+        tracker.log_params({"data.train_blocks": data.blocks("train"), "data.eval_blocks": data.blocks("eval"),
+                            "model.resolved": model_ref, "data.bad_records": sum(data.bad_records.values()),
+                            **{f"data.bad_records.{reason}": count for reason, count in data.bad_records.items()}})
         storage_location = storage.join(output, "ray")
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
         checkpoint = stored_checkpoint(result, storage_location)

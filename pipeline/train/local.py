@@ -45,6 +45,9 @@ class LocalReporter:
 
 def train_in_process(plan: WorkerPlan) -> LocalReporter:
     """Train `plan` as a single rank in this process; the reports and checkpoints it made."""
+    if plan.config.train.num_workers != 1 or plan.config.train.use_gpu:
+        raise ValueError("train_in_process runs one CPU rank: set train.num_workers=1 and train.use_gpu=false "
+                         "(and train.global_batch_size to keep a multi-worker run's global batch)")
     reporter = LocalReporter(plan.run_dir)
     with _process_group():
         reporter.samples_read = run_rank(plan, rank=0, world=1, local_world=1, device=torch.device("cpu"),
@@ -61,11 +64,9 @@ def _process_group():
 
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise RuntimeError(f"a torch.distributed group of {dist.get_world_size()} ranks already exists in this process")
-    port = os.environ.get("MASTER_PORT") if dist.is_initialized() else None
-    if port is None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = str(probe.getsockname()[1])
+    with socket.socket() as probe:  # used only by the first call, which makes the group
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     saved = {key: os.environ.get(key) for key in launcher}

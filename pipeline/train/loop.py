@@ -48,11 +48,14 @@ class Rank:
 
 @dataclass
 class Progress:
-    """What a checkpoint restores besides the engine: the tick, the pre-training eval, unsent metrics."""
+    """What a checkpoint restores besides the engine: the tick, the pre-training eval, unsent metrics,
+    and what defines the run's samples (the global batch, the size of the eval subset)."""
 
     clock: TickClock
     first_eval: dict | None = None
     unsent: list | None = None
+    global_batch: int | None = None
+    eval_samples: int | None = None
 
 
 def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches: TickBatches,
@@ -127,7 +130,8 @@ def _saver(me: Rank, progress: Progress, unsent: list) -> SaveCheckpoint:
     def save(directory: Path) -> None:
         tag = CHECKPOINT_TAG.format(tick=progress.clock.tick)
         me.engine.save_checkpoint(str(directory), tag=tag, client_state={
-            "clock": progress.clock.state_dict(), "first_eval": progress.first_eval, "unsent_metrics": unsent})
+            "clock": progress.clock.state_dict(), "first_eval": progress.first_eval, "unsent_metrics": unsent,
+            "global_batch": progress.global_batch, "eval_samples": progress.eval_samples})
         Path(directory, TAG_FILE).write_text(tag)
         write_manifest(Path(directory), me.rank, me.world, progress.clock.tick)
     return save
@@ -142,7 +146,8 @@ def resume(me: Rank, directory: Path | None, tag: str | None, own_run: bool) -> 
     _, client_state = me.engine.load_checkpoint(str(directory), tag=tag)
     clock = TickClock()
     clock.load_state_dict(client_state["clock"])
-    return Progress(clock, client_state.get("first_eval"), client_state.get("unsent_metrics", []) if own_run else [])
+    return Progress(clock, client_state.get("first_eval"), client_state.get("unsent_metrics", []) if own_run else [],
+                    client_state.get("global_batch"), client_state.get("eval_samples"))
 
 
 def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,

@@ -21,7 +21,7 @@ from pipeline.data.order import SampleOrder
 from pipeline.tracking import NullTracker, RunTarget
 from pipeline.tracking.buffer import BufferedTracker
 from pipeline.tracking.secrets import redact
-from pipeline.train.checkpoints import local_checkpoint, resume_point, saved_world_size, universal_copy
+from pipeline.train.checkpoints import local_checkpoint, needs_conversion, resume_point, saved_world_size, universal_copy
 from pipeline.train.loop import Rank, Reporter, resume, train_ticks
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 from pipeline.train.source import TickBatches, eval_batches
@@ -69,6 +69,14 @@ def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, u
     return Rank(engine, scheduler, rank, world, device), norms
 
 
+def _check_same_samples(progress, global_batch: int) -> None:
+    """A resumed run must keep the global batch: tick t's samples are defined by it."""
+    if progress.global_batch is not None and progress.global_batch != global_batch:
+        raise ValueError(f"train.global_batch_size: the checkpoint trained {progress.global_batch} samples per tick "
+                         f"and this run would train {global_batch}; set train.global_batch_size="
+                         f"{progress.global_batch} to continue the same run")
+
+
 def _scratch() -> Path:
     root = storage.local_cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -94,7 +102,7 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
     with _checkpoint_to_resume(plan, rank, world, say) as (location, directory), \
             tempfile.TemporaryDirectory(prefix="universal-", dir=_scratch()) as scratch:
         tag = None
-        if directory is not None and saved_world_size(directory) != world:
+        if directory is not None and needs_conversion(directory, world):
             say(f"[pipeline] the checkpoint was written by {saved_world_size(directory)} ranks and {world} resume "
                 "it: converting it to DeepSpeed's universal format")
             directory, tag = universal_copy(directory, Path(scratch))
@@ -103,20 +111,27 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
         if location:
             say(f"[pipeline] resumed from {location} at tick {progress.clock.tick}")
 
+    _check_same_samples(progress, cfg.samples_per_tick)
+    data = plan.data
+    progress.global_batch = cfg.samples_per_tick
+    # The eval subset a run started with stays its subset (eval_loss_start is measured on it).
+    progress.eval_samples = progress.eval_samples or eval_samples(plan.config, data)
     tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, _spill_dir(cfg.output_dir))
                if rank == 0 and plan.run else NullTracker())
-    say(f"[pipeline] fused norms: {norms.summary()}")
-    tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
-                        "norms.blocks": norms.blocks})
-    data = plan.data
-    batches = TickBatches(data.reader("train"), sample_order(plan.config, data), rank, world, cfg.micro_batch_size,
-                          end_tick=cfg.max_ticks)
-    evaluation = eval_batches(data.reader("eval"), eval_samples(plan.config, data), rank, world, cfg.micro_batch_size)
+    batches = None
     try:
+        say(f"[pipeline] fused norms: {norms.summary()}")
+        tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
+                            "norms.blocks": norms.blocks})
+        batches = TickBatches(data.reader("train"), sample_order(plan.config, data), rank, world,
+                              cfg.micro_batch_size, end_tick=cfg.max_ticks)
+        evaluation = eval_batches(data.reader("eval"), progress.eval_samples - progress.eval_samples % world, rank,
+                                  world, cfg.micro_batch_size)
         train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation,
                     TickLog(tracker, progress.clock.tick, say, progress.unsent or []), reporter, say)
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
         warning = tracker.close()
         if warning:
             say(f"[pipeline] {warning}")

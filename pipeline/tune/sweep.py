@@ -72,7 +72,7 @@ def check_sweep(cfg: Config) -> None:
 def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutcome:
     """Run (or, with `resume`, an experiment directory's location, continue) a sweep; returns what it found."""
     from pipeline import tracking
-    from pipeline.tracking.sweeps import reopen_run
+    from pipeline.tracking.sweeps import close_running_children, reopen_run
     from pipeline.train import check_against_data, prepare
 
     if resume is not None:
@@ -90,20 +90,19 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
         _save_state(experiment_dir, cfg, parent.target)
     else:
         parent = reopen_run(RunTarget(state["tracking_uri"], state["parent_run_id"]))
-    results = None
     try:
         results = _tuner(cfg, model_ref, data, parent.target, experiment_dir, resume is not None).fit()
-    finally:
-        from pipeline.tracking.sweeps import close_running_children
-
-        # Ctrl-C makes Tune save its state and return early. Trials it cut short still have RUNNING
-        # runs (ended ones were closed by TrialRunStatus), or are pending with no result at all.
-        cut_short = close_running_children(parent.target)
-        interrupted = results is None or bool(cut_short) or len(results) < cfg.sweep.num_samples or any(
-            "tick" not in (result.metrics or {}) and result.error is None for result in results)
-        if interrupted:
-            tracking.set_status(parent.target, "KILLED", "interrupt")
-    if interrupted:
+    except BaseException as error:
+        close_running_children(parent.target)
+        interrupted = isinstance(error, KeyboardInterrupt)
+        tracking.set_status(parent.target, "KILLED" if interrupted else "FAILED", "interrupt" if interrupted else None)
+        raise
+    # Ctrl-C makes Tune save its state and return early. Trials it cut short still have RUNNING
+    # runs (ended ones were closed by TrialRunStatus), or are pending with no result at all.
+    cut_short = close_running_children(parent.target)
+    if cut_short or len(results) < cfg.sweep.num_samples or any(
+            "tick" not in (result.metrics or {}) and result.error is None for result in results):
+        tracking.set_status(parent.target, "KILLED", "interrupt")
         return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=True)
     with tracking.run_status(parent.target):
         return _summarize(cfg, model_ref, parent, experiment_dir, results)
