@@ -84,7 +84,8 @@ def test_sweep_nests_trials_under_one_parent_and_asha_stops_one(sweep):
     assert "RUNNING" not in statuses and "FAILED" not in statuses
     stopped = [run for run in children if run.info.status == "KILLED"]
     assert stopped and all(run.data.tags["pipeline.stopped_by"] == "asha" for run in stopped)
-    assert all(int(run.data.metrics["tick"]) < cfg.train.max_ticks for run in stopped)
+    # Where ASHA stopped them (their workers may finish a tick or two while they are torn down).
+    assert all(int(run.data.tags["pipeline.stopped_at_tick"]) < cfg.train.max_ticks for run in stopped)
     assert any(float(run.data.params["noise.sigma"]) == 0.0 for run in children)
     for run in children:  # per-tick metrics in every child, params from the trial's own config
         assert client.get_metric_history(run.info.run_id, "loss")

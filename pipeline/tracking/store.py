@@ -24,6 +24,7 @@ DEFAULT_STORE = Path("mlruns")
 MAX_PARAM_LENGTH = 6000  # MLflow rejects longer param values
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 STOPPED_TAG = "pipeline.stopped_by"  # asha | interrupt
+STOPPED_AT_TAG = "pipeline.stopped_at_tick"  # the last tick the scheduler saw before it stopped the run
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -202,12 +203,15 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) ->
     return tracker
 
 
-def set_status(target: RunTarget, status: str, stopped_by: str | None = None) -> None:
-    """End a run as FINISHED, FAILED or KILLED (`stopped_by` tags who stopped it: asha, interrupt)."""
+def set_status(target: RunTarget, status: str, stopped_by: str | None = None, stopped_at: int | None = None) -> None:
+    """End a run as FINISHED, FAILED or KILLED (`stopped_by` tags who stopped it: asha, interrupt;
+    `stopped_at` the last tick it saw: the workers may run on a little while they are torn down)."""
     assert status in STATUSES, status
     client = client_for(target.uri)
     if stopped_by:
         client.set_tag(target.run_id, STOPPED_TAG, stopped_by)
+    if stopped_at is not None:
+        client.set_tag(target.run_id, STOPPED_AT_TAG, str(stopped_at))
     client.set_terminated(target.run_id, status=status)
 
 

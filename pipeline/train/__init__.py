@@ -1,5 +1,6 @@
 """Ray Train + DeepSpeed fine-tuning: the only package where ranks exist."""
 
+from pipeline.train.checkpoints import CheckpointError, choose_checkpoint
 from pipeline.train.export import ExportedModel, export_model
 from pipeline.train.launch import (
     TrainingFailed,
@@ -11,5 +12,5 @@ from pipeline.train.launch import (
     stored_checkpoint,
 )
 
-__all__ = ["ExportedModel", "TrainOutcome", "TrainingFailed", "check_against_data", "export_model", "fit", "prepare",
-           "run_training", "stored_checkpoint"]
+__all__ = ["CheckpointError", "ExportedModel", "TrainOutcome", "TrainingFailed", "check_against_data", "choose_checkpoint",
+           "export_model", "fit", "prepare", "run_training", "stored_checkpoint"]

@@ -129,7 +129,7 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
                                     scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=cfg.sweep.max_concurrent_trials),
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
-                                  storage_filesystem=filesystem, callbacks=[TrialRunStatus(parent)]),
+                                  storage_filesystem=filesystem, callbacks=[TrialRunStatus(parent, cfg.train.max_ticks)]),
     )
 
 
@@ -181,9 +181,21 @@ def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: str
     parent.log_metrics(metrics, step=0)
     parent.log_text(result.sentence() + "\n", "verdict.txt")
     checkpoints = {r.metrics.get("trial_id"): r.metrics.get("checkpoint_path") for r in results if r.metrics}
-    registered = _register_best(cfg, model_ref, parent, best, checkpoints.get(best.trial_id), experiment_dir)
+    registered = _register_best(cfg, model_ref, parent, best, checkpoints.get(best.trial_id)
+                                or _newest_checkpoint(experiment_dir, best.trial_id), experiment_dir)
     return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=False, table=format_table(trials),
                         verdict=result.sentence(), registered=registered)
+
+
+def _newest_checkpoint(experiment_dir: str, trial_id: str) -> str | None:
+    """The trial's newest valid checkpoint in its Train run's storage: the fallback when Tune's last
+    result of the trial is a training report that overtook its driver's final one (which names it)."""
+    from pipeline.train import CheckpointError, choose_checkpoint
+
+    try:
+        return choose_checkpoint(storage.join(f"{experiment_dir}-trials", f"trial-{trial_id}"))[0]
+    except CheckpointError:
+        return None
 
 
 def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoint: str | None,

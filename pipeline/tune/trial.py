@@ -52,17 +52,24 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
 class TrialRunStatus(tune.Callback):
     """Closes each trial's child run: FINISHED, KILLED (stopped early by ASHA) or FAILED.
 
+    ASHA has a rung at max_t too, so a trial below that rung's cutoff is stopped at its last tick,
+    before its driver reports completion: it trained every tick, so it is FINISHED all the same.
     Module level on purpose: Tune pickles callbacks into the experiment state for `--resume`.
     """
 
-    def __init__(self, parent: RunTarget):
+    def __init__(self, parent: RunTarget, max_ticks: int):
         self.parent = parent
+        self.max_ticks = max_ticks
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         target = trial_run(self.parent, trial.trial_id)
         if target is not None:
-            completed = bool((trial.last_result or {}).get(COMPLETED))
-            set_status(target, "FINISHED" if completed else "KILLED", None if completed else "asha")
+            last = trial.last_result or {}
+            completed = bool(last.get(COMPLETED)) or last.get("tick", 0) >= self.max_ticks
+            if completed:
+                set_status(target, "FINISHED")
+            else:
+                set_status(target, "KILLED", "asha", stopped_at=last.get("tick"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         target = trial_run(self.parent, trial.trial_id)
