@@ -34,6 +34,7 @@ test-fast: install
 bench: install
 	$(PY) bench/data_prep.py
 	$(PY) bench/train_step.py
+	$(PY) bench/resume_startup.py
 	$(PY) bench/norm.py
 	$(PY) bench/checkpoint_manifest.py
 
