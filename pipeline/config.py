@@ -104,6 +104,9 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
+    # When set, Ray Train may run (and restart after losing a node) with any worker count from this
+    # up to num_workers; the run stays the same run (global_batch_size is then required).
+    min_workers: int | None = Field(None, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
     # Torch intra-op threads per worker; None shares this machine's cores evenly between workers.
@@ -137,6 +140,16 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check_global_batch(self) -> TrainConfig:
+        if self.min_workers is not None:
+            if self.min_workers > self.num_workers:
+                raise ValueError(f"min_workers: {self.min_workers} is more than num_workers ({self.num_workers})")
+            if self.global_batch_size is None:
+                raise ValueError("min_workers: set global_batch_size too, so that the global batch stays the same "
+                                 "whatever the number of workers")
+            for workers in range(self.min_workers, self.num_workers + 1):
+                if self.global_batch_size % (workers * self.micro_batch_size):
+                    raise ValueError(f"global_batch_size: {self.global_batch_size} is not divisible by {workers} workers "
+                                     f"x micro_batch_size {self.micro_batch_size}, a worker count min_workers allows")
         if self.global_batch_size is not None:
             per_step = self.num_workers * self.micro_batch_size
             if self.global_batch_size % per_step:

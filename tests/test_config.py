@@ -52,6 +52,17 @@ def test_cross_field_rules_name_the_field(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["train.min_workers=3"], r"train.min_workers: 3 is more than num_workers \(2\)"),
+    (["train.min_workers=1"], r"train.min_workers: set global_batch_size too"),
+    (["train.min_workers=1", "train.num_workers=3", "train.global_batch_size=8", "train.micro_batch_size=2"],
+     r"global_batch_size: 8 is not divisible by 3 workers x micro_batch_size 2"),
+])
+def test_a_worker_range_needs_a_global_batch_every_count_divides(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY_YAML, overrides)
+
+
 def test_missing_required_section(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {source: hub, path: a/b}\n")

@@ -62,3 +62,15 @@ def test_a_two_worker_checkpoint_resumes_on_one_worker_with_the_same_losses(two_
     assert sorted(resumed_losses) == [4, 5, 6]
     for tick, loss in resumed_losses.items():
         assert loss == pytest.approx(two_losses[tick], rel=1e-5), tick
+
+
+def test_a_worker_range_trains_the_same_run_on_the_workers_that_fit(ray_session, two_workers, tmp_path, capsys):
+    """train.min_workers: 2 workers wanted, room for 1 (1.5 CPUs each on a 2-CPU Ray): Ray Train starts
+    one, which accumulates 2 micro batches of 4 per tick, and the per-tick losses are the 2-worker run's."""
+    ranged = run_training(config(tmp_path, 2, "train.min_workers=1", f"train.global_batch_size={GLOBAL_BATCH}",
+                                 "train.cpus_per_worker=1.5"))
+    assert "training on 1 of train.num_workers=2 workers: 2 micro batches of 4 per rank" in capsys.readouterr().out
+    two_losses, ranged_losses = logged_losses(two_workers), logged_losses(ranged)
+    assert sorted(ranged_losses) == list(range(1, TICKS + 1))
+    for tick, loss in ranged_losses.items():
+        assert loss == pytest.approx(two_losses[tick], rel=1e-5), tick

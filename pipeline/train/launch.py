@@ -48,8 +48,9 @@ def check_against_cluster(cfg: Config) -> None:
     if t.use_gpu and available.get("GPU", 0) < t.num_workers:
         raise ConfigError(f"train.use_gpu: the Ray cluster has {available.get('GPU', 0):g} GPUs, "
                           f"fewer than train.num_workers ({t.num_workers})")
-    if t.cpus_per_worker * t.num_workers > available.get("CPU", 0):
-        raise ConfigError(f"train.cpus_per_worker: {t.num_workers} workers x {t.cpus_per_worker:g} CPUs is more than "
+    fewest = t.min_workers or t.num_workers  # with a worker range, Ray Train starts with what fits
+    if t.cpus_per_worker * fewest > available.get("CPU", 0):
+        raise ConfigError(f"train.cpus_per_worker: {fewest} workers x {t.cpus_per_worker:g} CPUs is more than "
                           f"the {available.get('CPU', 0):g} CPUs of the Ray cluster")
 
 
@@ -177,7 +178,8 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
     filesystem, storage_path = storage.filesystem(storage_location)
     trainer = TorchTrainer(
         functools.partial(train_worker, plan),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
+                                               use_gpu=t.use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=storage_name,

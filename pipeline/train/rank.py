@@ -7,6 +7,7 @@ rank's place in the world and a `Reporter`; everything else comes from the `Work
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -95,10 +96,16 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
              reporter: Reporter) -> int:
     """Train this rank to train.max_ticks; the number of training samples it read."""
     storage.configure(plan.config.storage)  # a worker process has the driver's settings only through the plan
+    configured = plan.config
+    if world != configured.train.num_workers:  # a worker range (train.min_workers): same global batch, more accumulation
+        plan = dataclasses.replace(plan, config=configured.with_overrides([f"train.num_workers={world}"]))
     cfg = plan.config.train
     torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // local_world))
     # Rank 0 alone prints, and never a credential (an error message may quote the tracking URI).
     say = (lambda text: print(redact(text), flush=True)) if rank == 0 else (lambda text: None)
+    if world != configured.train.num_workers:
+        say(f"[pipeline] training on {world} of train.num_workers={configured.train.num_workers} workers: "
+            f"{cfg.accum_steps} micro batches of {cfg.micro_batch_size} per rank per tick, the same global batch")
     with _checkpoint_to_resume(plan, rank, world, say) as (location, directory), \
             tempfile.TemporaryDirectory(prefix="universal-", dir=_scratch()) as scratch:
         tag = None
@@ -115,7 +122,7 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
     data = plan.data
     progress.global_batch = cfg.samples_per_tick
     # The eval subset a run started with stays its subset (eval_loss_start is measured on it).
-    progress.eval_samples = progress.eval_samples or eval_samples(plan.config, data)
+    progress.eval_samples = progress.eval_samples or eval_samples(configured, data)
     tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, _spill_dir(cfg.output_dir))
                if rank == 0 and plan.run else NullTracker())
     batches = None
