@@ -101,6 +101,26 @@ def test_half_precision_inputs_keep_fp32_statistics(backend, dtype):
     assert x.grad.dtype == dtype and weight.grad.dtype == dtype and torch.isfinite(weight.grad.float()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("sigma", [0.0, 0.3])
+@pytest.mark.parametrize("max_block_n", [None, 32], ids=["one-tile", "chunked"])
+def test_triton_half_outputs_are_the_fp32_result_rounded_to_nearest_even(dtype, is_rms, sigma, max_block_n):
+    """What a GPU store does (the interpreter would truncate bf16): y and dx equal the same kernel's
+    fp32 result on the same values, rounded to nearest even by torch."""
+    x, weight, bias, noise = make_inputs((6, 80), is_rms, sigma, dtype=dtype)
+    upstream = torch.randn(6, 80, generator=torch.Generator().manual_seed(1)).to(dtype)
+    half = grads(x, weight, bias, noise, is_rms, "triton", max_block_n, upstream)
+    wide = [t.detach().float().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    full = grads(*wide, noise, is_rms, "triton", max_block_n, upstream.float())
+    for name, got, exact in (("y", half[0], full[0]), ("dx", half[1], full[1])):
+        assert got.dtype == dtype
+        assert torch.equal(got, exact.to(dtype)), f"{name}: {(got != exact.to(dtype)).float().mean():.1%} differ"
+        if dtype == torch.bfloat16 and name == "y":  # and the test can tell: truncation would differ
+            truncated = (exact.contiguous().view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+            assert not torch.equal(got, truncated)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_contiguous_input(backend):
     base = torch.randn(6, 40, 4)

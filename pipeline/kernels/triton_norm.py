@@ -38,6 +38,20 @@ def _with_noise(xhat, row_ids, cols, N, sigma, key, HAS_NOISE: tl.constexpr):
     return xhat
 
 
+@triton.jit
+def _narrowed(y, dtype: tl.constexpr):
+    """fp32 `y` as the output's `dtype`, rounded to nearest even. Spelled out in integer ops for
+    bf16: a GPU store rounds to nearest even, but Triton's interpreter truncates on every fp32 -> bf16
+    path (`.to(..., fp_downcast_rounding="rtne")` included), so only this makes the CPU tests show
+    the GPU's rounding. fp16 casts round to nearest even on both."""
+    if dtype == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return y.to(dtype)
+
+
 @triton.jit(do_not_specialize=["key"])  # a new tick's key must not compile a new kernel
 def _norm_fwd(
     X, Y, W, B, Mean, Rstd, RowIds,
@@ -93,7 +107,7 @@ def _norm_fwd(
         y = xhat * w[None, :]
         if HAS_BIAS:
             y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_rows + cols[None, :], y, mask=mask)
+        tl.store(y_rows + cols[None, :], _narrowed(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -162,7 +176,7 @@ def _norm_bwd(
             dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
         else:
             dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], dx, mask=mask)
+        tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], _narrowed(dx, DX.dtype.element_ty), mask=mask)
         row_ids = tl.load(RowIds + rows, mask=row_mask, other=0) if HAS_NOISE else rows
         dw += tl.sum(dy * _with_noise(xhat, row_ids, cols, N, sigma, key, HAS_NOISE), axis=0)
         if HAS_BIAS:
