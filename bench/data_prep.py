@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import runtime  # noqa: F401  (Ray logging environment first)
-from pipeline.config import DataConfig, RayConfig, load_config, resolve_path
+from pipeline.config import DataConfig, RayConfig, load_config
+from pipeline.locations import resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import runtime  # noqa: F401  (Ray logging environment first)
-from pipeline.config import load_config, location_overrides
+from pipeline.config import load_config
+from pipeline.locations import location_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 REPEATS = 3

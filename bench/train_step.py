@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # torchr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # servers: the tests' S3 server
 
 from pipeline import runtime  # noqa: F401  (Ray logging environment first)
-from pipeline.config import load_config, location_overrides
+from pipeline.config import load_config
+from pipeline.locations import location_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS, MICRO, SEQ, WARMUP = 2, 4, 128, 5

@@ -17,7 +17,8 @@ from pipeline import (
     runtime,  # noqa: F401  (sets Ray's logging environment before Ray is imported)
     storage,
 )
-from pipeline.config import Config, ConfigError, TrackingConfig, anchor_paths, load_config
+from pipeline.config import Config, ConfigError, TrackingConfig, load_config
+from pipeline.locations import anchor_paths
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 

@@ -6,8 +6,6 @@ so a typo or a bad value fails in one line that names the field, not deep inside
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -16,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PACKAGE_PREFIX = "package:"
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -48,6 +45,9 @@ class ModelConfig(_Section):
     tokenizer_vocab_size: int = Field(512, ge=64)
     init_seed: int = 0
     cache_dir: str = ".cache/pipeline/models"
+    # The attention kernel transformers uses; None keeps the model's default (sdpa where it has one).
+    # flash_attention_2 needs a GPU and the flash-attn package.
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> ModelConfig:
@@ -102,6 +102,21 @@ class DataConfig(_Section):
     verify_checksums: bool = True
 
 
+class ZeroConfig(_Section):
+    """DeepSpeed ZeRO settings beyond the stage (`train.zero_stage`); each maps onto the generated
+    `zero_optimization` section. None keeps DeepSpeed's default."""
+
+    # Optimizer state (ZeRO >= 1) and parameters (ZeRO-3) moved off the GPU, to CPU memory or NVMe.
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None  # a local directory on every node, for nvme offload
+    overlap_comm: bool | None = None  # overlap gradient reduction with the backward pass
+    reduce_bucket_size: int | None = Field(None, ge=1)  # elements per gradient reduction
+    allgather_bucket_size: int | None = Field(None, ge=1)  # elements per parameter all-gather (ZeRO 1-2)
+    # ZeRO-3: gather the 16-bit weights when saving (a consolidated model without zero_to_fp32).
+    gather_16bit_weights_on_model_save: bool = False
+
+
 class TrainConfig(_Section):
     num_workers: int = Field(2, ge=1)
     # When set, Ray Train may run (and restart after losing a node) with any worker count from this
@@ -112,6 +127,11 @@ class TrainConfig(_Section):
     # Torch intra-op threads per worker; None shares this machine's cores evenly between workers.
     threads_per_worker: int | None = Field(None, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
+    zero: ZeroConfig = ZeroConfig()
+    # Recompute each block's activations in the backward pass: less memory for ~30% more compute.
+    gradient_checkpointing: bool = False
+    # Merged over the generated DeepSpeed config last: any DeepSpeed setting without a field here.
+    deepspeed: dict[str, Any] = {}
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     micro_batch_size: int = Field(2, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -137,6 +157,21 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1)
     output_dir: str = "outputs"
     resume_from: str | None = None  # a checkpoint directory (`pipeline train --resume`)
+
+    @model_validator(mode="after")
+    def _check_zero(self) -> TrainConfig:
+        zero = self.zero
+        if zero.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"zero: offload_params needs zero_stage 3 (it is {self.zero_stage})")
+        if zero.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("zero: offload_optimizer needs zero_stage 1, 2 or 3")
+        if "nvme" in (zero.offload_optimizer, zero.offload_params) and not zero.nvme_path:
+            raise ValueError("zero: nvme offload needs nvme_path, a local directory on every node")
+        if (zero.offload_optimizer, zero.offload_params) != ("none", "none") and not self.use_gpu:
+            raise ValueError("zero: offload moves GPU state to CPU or NVMe; with use_gpu false it is in CPU memory already")
+        if zero.gather_16bit_weights_on_model_save and self.zero_stage != 3:
+            raise ValueError("zero: gather_16bit_weights_on_model_save is a ZeRO-3 setting")
+        return self
 
     @model_validator(mode="after")
     def _check_global_batch(self) -> TrainConfig:
@@ -294,13 +329,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base_path = (path.parent / str(base)).resolve()
     if base_path in seen:
         raise ConfigError(f"extends: {path} extends itself through {base_path}")
-    return _overlay(_read_yaml(base_path, (*seen, path.resolve())), raw)
+    return overlay(_read_yaml(base_path, (*seen, path.resolve())), raw)
 
 
-def _overlay(base: dict, top: dict) -> dict:
+def overlay(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursively (a YAML over the one it extends, train.deepspeed over the generated config)."""
     merged = _deep_copy(base)
     for key, value in top.items():
-        merged[key] = _overlay(merged[key], value) if isinstance(value, dict) and isinstance(
+        merged[key] = overlay(merged[key], value) if isinstance(value, dict) and isinstance(
             merged.get(key), dict) else _deep_copy(value)
     return merged
 
@@ -352,38 +388,6 @@ def describe_error(error: dict) -> str:
     return f"{field}: {message} (got {error.get('input')!r})"
 
 
-def anchor_paths(cfg: Config, inputs_base: Path, work_dir: Path | None = None) -> Config:
-    """Relative paths made absolute: inputs against `inputs_base` (where the command started), caches,
-    outputs and the default tracking store against `work_dir` (default: the same).
-
-    Why: inside a Ray job the working directory is a temporary copy of the repo, which Ray may delete
-    once it starts (seen with two nodes on one host), and whose contents other nodes never see. Jobs
-    therefore set PIPELINE_WORK_DIR to storage every node shares; relative paths resolved late fail.
-    """
-    work_dir = work_dir or inputs_base
-    outputs = {"model.cache_dir": cfg.model.cache_dir, "data.cache_dir": cfg.data.cache_dir,
-               "train.output_dir": cfg.train.output_dir, "sweep.storage_dir": cfg.sweep.storage_dir}
-    inputs = {"data.path": cfg.data.path, "model.tokenizer_corpus": cfg.model.tokenizer_corpus,
-              "model.path": cfg.model.path if cfg.model.source != "hub" else None,  # a hub id is no path
-              "train.resume_from": cfg.train.resume_from}
-    overrides = [f"{key}={base / value}" for locations, base in ((outputs, work_dir), (inputs, inputs_base))
-                 for key, value in locations.items()
-                 if value and not is_uri(value) and not value.startswith(("package:", "~"))
-                 and not Path(value).is_absolute()]
-    if cfg.tracking.uri is None:
-        overrides.append(f"tracking.uri=sqlite:///{work_dir / 'mlruns' / 'mlflow.db'}")
-    return cfg.with_overrides(overrides) if overrides else cfg
-
-
-def location_overrides(root: str | os.PathLike) -> list[str]:
-    """Overrides that keep every cache, output and tracking store under one directory
-    (tests, benchmarks, throw-away experiments)."""
-    root = Path(root)
-    return [f"model.cache_dir={root / 'models'}", f"data.cache_dir={root / 'data'}",
-            f"train.output_dir={root / 'outputs'}", f"sweep.storage_dir={root / 'sweeps'}",
-            f"tracking.uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}"]
-
-
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """{'train': {'lr': 1}} -> {'train.lr': 1}: how the config becomes MLflow params."""
     if isinstance(value, BaseModel):
@@ -398,30 +402,3 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def resolve_path(path: str) -> str:
-    """Expand `package:NAME/rel` to a path inside an installed package (found without importing it,
-    since some asset packages fail or are slow to import), and `~`. Globs are kept as they are."""
-    if path.startswith(PACKAGE_PREFIX):
-        package, _, rel = path[len(PACKAGE_PREFIX):].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{path}: Python package '{package}' is not installed")
-        return str(Path(next(iter(spec.submodule_search_locations))) / rel)
-    return os.path.expanduser(path)
-
-
-def expand_files(path: str, field: str) -> list[Path]:
-    """A file, a directory (all files below it) or a glob -> sorted list of files. Errors name `field`."""
-    resolved = resolve_path(path)
-    if any(ch in resolved for ch in "*?["):
-        files = [Path(p) for p in glob.glob(resolved, recursive=True)]
-    elif Path(resolved).is_dir():
-        files = [p for p in Path(resolved).rglob("*") if not p.name.startswith(".")]
-    else:
-        files = [Path(resolved)] if Path(resolved).exists() else []
-    files = sorted(p for p in files if p.is_file())
-    if not files:
-        raise ConfigError(f"{field}: no files match '{path}'")
-    return files

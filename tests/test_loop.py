@@ -52,3 +52,48 @@ def test_the_noise_reaches_training(prepared, tmp_path):
     assert min(differences) > 2e-5 and max(differences) > 3e-4, differences
     again = losses(run(tmp_path, "noisy-again", "noise.sigma=0.1"))
     assert again == pytest.approx(noisy, rel=1e-6)  # and ε is the same draw every time
+
+
+def saved_activation_bytes(model, input_ids) -> int:
+    """What autograd keeps for the backward pass of one forward (activations, mostly)."""
+    import torch
+
+    saved = 0
+
+    def pack(tensor):
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=input_ids, labels=input_ids)
+    return saved
+
+
+def test_gradient_checkpointing_trains_the_same_losses_with_less_kept_for_backward(prepared, tmp_path):
+    import torch
+
+    from pipeline.models import materialize_model
+    from pipeline.train.rank import build_model
+
+    plain = losses(run(tmp_path, "plain", "noise.sigma=0.1"))
+    checkpointed = losses(run(tmp_path, "checkpointed", "noise.sigma=0.1", "train.gradient_checkpointing=true"))
+    assert checkpointed == pytest.approx(plain, rel=1e-6)  # recomputation draws the same noise
+    kept = {}
+    for enabled in (False, True):
+        cfg = tiny_config(tmp_path, f"train.gradient_checkpointing={str(enabled).lower()}")
+        model, _ = build_model(cfg, materialize_model(cfg.model))
+        model.train()
+        kept[enabled] = saved_activation_bytes(model, torch.randint(0, 500, (8, 64)))
+    assert kept[True] < 0.5 * kept[False], kept
+
+
+def test_the_attention_implementation_reaches_the_model(prepared, tmp_path):
+    from pipeline.models import materialize_model
+    from pipeline.train.rank import build_model
+
+    cfg = tiny_config(tmp_path, "model.attn_implementation=eager")
+    model, _ = build_model(cfg, materialize_model(cfg.model))
+    assert model.config._attn_implementation == "eager"
+    eager, sdpa = losses(run(tmp_path, "eager", "model.attn_implementation=eager")), losses(run(tmp_path, "sdpa"))
+    assert eager == pytest.approx(sdpa, rel=1e-5)  # the same function, another kernel

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, resolve_path
+from pipeline.config import ConfigError, ModelConfig
+from pipeline.locations import resolve_path
 from pipeline.models import load_causal_lm, load_tokenizer, materialize_model, max_positions
 
 from conftest import REPO, tiny_config

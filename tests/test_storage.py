@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import storage
-from pipeline.config import StorageConfig, anchor_paths, is_uri, load_config, location_overrides
+from pipeline.config import StorageConfig, is_uri, load_config
+from pipeline.locations import anchor_paths, location_overrides
 from pipeline.storage import StorageError
 
 from conftest import REPO, TINY_YAML

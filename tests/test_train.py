@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import resolve_path
+from pipeline.locations import resolve_path
 from pipeline.models import load_causal_lm
 from pipeline.tracking import load_pyfunc
 from pipeline.tracking.store import client_for

@@ -19,8 +19,9 @@ from typing import NamedTuple
 import pyarrow.fs as pafs
 
 from pipeline import storage
-from pipeline.config import ConfigError, DataConfig, SplitConfig, expand_files, is_uri, resolve_path
+from pipeline.config import ConfigError, DataConfig, SplitConfig, is_uri
 from pipeline.data.bad_records import BadRecords
+from pipeline.locations import expand_files, resolve_path
 
 SPLITS = ("train", "eval")
 # Listing-free work in Ray tasks (packing, the tokenizer stage's input) is light next to tokenizing;

@@ -23,7 +23,8 @@ import torch
 
 from pipeline import storage
 from pipeline.cache import cached_dir, file_identity, stable_hash
-from pipeline.config import ConfigError, ModelConfig, expand_files, is_uri, resolve_path
+from pipeline.config import ConfigError, ModelConfig, is_uri
+from pipeline.locations import expand_files, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,11 @@ def load_tokenizer(model_ref: str):
     return tokenizer
 
 
-def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32):
+def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(local_model(model_ref), dtype=dtype)
+    chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(local_model(model_ref), dtype=dtype, **chosen)
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")

@@ -86,8 +86,18 @@ class TrainOutcome:
 
 
 def check_kernel(cfg: Config) -> None:
+    """GPU-only settings on a CPU run, or a kernel whose package is missing: one line naming the field."""
+    import importlib.util
+
     if cfg.kernel.backend == "triton" and not cfg.train.use_gpu:
         raise ConfigError("kernel.backend: 'triton' runs on GPUs and train.use_gpu is false; use 'auto' or 'torch'")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not cfg.train.use_gpu:
+            raise ConfigError("model.attn_implementation: flash_attention_2 runs on GPUs and train.use_gpu is false; "
+                              "use 'sdpa' or 'eager'")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+                              "not installed; use 'sdpa' or install flash-attn")
 
 
 def resolve_resume(cfg: Config) -> Config:

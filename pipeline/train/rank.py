@@ -47,18 +47,28 @@ def sample_order(cfg: Config, data: PreparedData) -> SampleOrder:
                        shuffle=cfg.train.shuffle)
 
 
+def build_model(config: Config, model_ref: str):
+    """The HF model as every rank trains it: fused norms, the configured attention, activation
+    checkpointing; (model, the norm report)."""
+    from pipeline.models import load_causal_lm, patch_norms_with_report
+
+    torch.manual_seed(config.train.seed)
+    model = load_causal_lm(model_ref, attn_implementation=config.model.attn_implementation)
+    model.config.use_cache = False
+    norms = patch_norms_with_report(model, backend=config.kernel.backend)  # before ZeRO partitions weights
+    if config.train.gradient_checkpointing:
+        # Non-reentrant: recomputation runs inside the tick's noise context, so it draws the same ε.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, norms
+
+
 def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, universal: bool):
     """The model with fused norms, under a DeepSpeed engine; `universal` when it will load a
     universal checkpoint (written by another number of ranks)."""
     import deepspeed
 
-    from pipeline.models import load_causal_lm, patch_norms_with_report
-
     cfg = plan.config.train
-    torch.manual_seed(cfg.seed)
-    model = load_causal_lm(plan.model_ref)
-    model.config.use_cache = False
-    norms = patch_norms_with_report(model, backend=plan.config.kernel.backend)  # before ZeRO partitions weights
+    model, norms = build_model(plan.config, plan.model_ref)
     optimizer = None if cfg.use_gpu else torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     config = deepspeed_config(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, overlay
 
 
 def uses_bf16(cfg: TrainConfig) -> bool:
@@ -23,12 +23,29 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "steps_per_print": 10**9,  # progress is ours; keep DeepSpeed's periodic prints out of the log
         "wall_clock_breakdown": False,
     }
+    config["zero_optimization"].update(_zero_settings(cfg))
     if cfg.use_gpu:
         # Fused GPU AdamW. On CPU the engine gets a torch.optim.AdamW object instead: DeepSpeed's CPU
         # Adam ops are compiled on first use (~1.5 min each) for no gain at these sizes.
         config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas),
                                                           "weight_decay": cfg.weight_decay}}
-    return config
+    return overlay(config, cfg.deepspeed)  # train.deepspeed wins over every generated setting
+
+
+def _zero_settings(cfg: TrainConfig) -> dict:
+    zero = cfg.zero
+    settings: dict = {}
+    for key, value in (("overlap_comm", zero.overlap_comm), ("reduce_bucket_size", zero.reduce_bucket_size),
+                       ("allgather_bucket_size", zero.allgather_bucket_size)):
+        if value is not None:
+            settings[key] = value
+    for key, device in (("offload_optimizer", zero.offload_optimizer), ("offload_param", zero.offload_params)):
+        if device != "none":
+            settings[key] = {"device": device, "pin_memory": True,
+                             **({"nvme_path": zero.nvme_path} if device == "nvme" else {})}
+    if zero.gather_16bit_weights_on_model_save:
+        settings["stage3_gather_16bit_weights_on_model_save"] = True
+    return settings
 
 
 def lr_multiplier(cfg: TrainConfig, total_ticks: int):

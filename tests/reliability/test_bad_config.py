@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import location_overrides
+from pipeline.locations import location_overrides
 
 from conftest import TINY_YAML
 

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, DataConfig, location_overrides
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data import BadRecordError, NoUsableDocuments, prepare_data
+from pipeline.locations import location_overrides
 
 from conftest import TINY_YAML, lincoln_paragraphs
 
