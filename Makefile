@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/data_prep.py
 	$(PY) bench/train_step.py
 	$(PY) bench/resume_startup.py
+	$(PY) bench/activation_memory.py
 	$(PY) bench/norm.py
 	$(PY) bench/checkpoint_manifest.py
 
