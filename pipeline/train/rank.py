@@ -58,7 +58,7 @@ def build_model(config: Config, model_ref: str):
     norms = patch_norms_with_report(model, backend=config.kernel.backend)  # before ZeRO partitions weights
     if config.train.gradient_checkpointing:
         # Non-reentrant: recomputation runs inside the tick's noise context, so it draws the same ε.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model, norms
 
 
