@@ -13,13 +13,14 @@ or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; the region `storage.region` or AWS_DE
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,15 @@ def local_cache_root() -> Path:
     """Where this node keeps local copies of remote models and checkpoints: node-local disk, never
     shared storage (PIPELINE_LOCAL_CACHE overrides it)."""
     return Path(os.environ.get("PIPELINE_LOCAL_CACHE") or Path(tempfile.gettempdir()) / "pipeline-local")
+
+
+@contextlib.contextmanager
+def local_scratch(prefix: str) -> Iterator[Path]:
+    """A temporary directory under this node's local cache, removed when the block ends."""
+    root = local_cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=root) as directory:
+        yield Path(directory)
 
 
 def localize(location: str, include=None) -> str:

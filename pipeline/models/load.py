@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,11 +92,9 @@ def _cached_model(cache_dir: str, key: str, build: Callable[[Path], None]) -> st
     entry = storage.join(cache_dir, key)
     if storage.exists(storage.join(entry, COMPLETE_MARKER)):
         return entry
-    root = storage.local_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f"build-{key}-", dir=root) as built:
-        build(Path(built))
-        upload_model_dir(Path(built), entry)
+    with storage.local_scratch(f"build-{key}-") as built:
+        build(built)
+        upload_model_dir(built, entry)
     return entry
 
 

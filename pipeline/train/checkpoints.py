@@ -20,7 +20,6 @@ import fnmatch
 import json
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -177,11 +176,9 @@ def local_checkpoint(location: str) -> Iterator[Path]:
     if not is_uri(location):
         yield Path(location)
         return
-    root = storage.local_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="checkpoint-", dir=root) as directory:
-        storage.download_dir(location, Path(directory))
-        yield Path(directory)
+    with storage.local_scratch("checkpoint-") as directory:
+        storage.download_dir(location, directory)
+        yield directory
 
 
 def _first_valid(candidates: list[_Stored]) -> tuple[str, list[Skipped]]:
@@ -222,6 +219,12 @@ def _newest_first(checkpoints: list[_Stored]) -> list[_Stored]:
     return sorted(checkpoints, key=lambda c: c.order, reverse=True)
 
 
+def upload_checkpoint(directory: Path, location: str, rank: int) -> None:
+    """This rank's checkpoint files into `location`, its manifest after all of them: the commit
+    (object stores have no rename)."""
+    storage.upload_dir(directory, location, last=[MANIFEST.format(rank=rank)])
+
+
 def saved_world_size(directory: Path) -> int:
     """The number of ranks that wrote a (local) checkpoint, from its manifests."""
     return len(list(directory.glob(MANIFEST_GLOB)))
@@ -234,9 +237,11 @@ def needs_conversion(directory: Path, world: int) -> bool:
     return saved_world_size(directory) != world and any(directory.glob("*/*optim_states.pt"))
 
 
-def universal_copy(directory: Path, into: Path) -> tuple[Path, str]:
+@contextlib.contextmanager
+def universal_copy(directory: Path) -> Iterator[tuple[Path, str]]:
     """DeepSpeed's universal form of a local checkpoint (parameters and optimizer state unpartitioned),
-    which a different number of ranks can load; (directory, tag). DeepSpeed refuses to load a ZeRO
+    which a different number of ranks can load, on this node's local disk while the block runs;
+    (directory, tag). DeepSpeed refuses to load a ZeRO
     checkpoint at another data-parallel size, and its `elastic_checkpoint` switch no longer works
     (0.19.8: "Automatic adjustment ... not currently supported"), so an elastic restart converts."""
     import argparse
@@ -244,9 +249,10 @@ def universal_copy(directory: Path, into: Path) -> tuple[Path, str]:
     from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
     tag = (directory / TAG_FILE).read_text().strip()
-    # One worker each: no process pool inside a Ray worker. inject_missing_state: a plain (not
-    # tensor-parallel) model saves no UNIVERSAL_CHECKPOINT_INFO, and the converter would refuse it.
-    to_universal(argparse.Namespace(input_folder=str(directory / tag), output_folder=str(into / tag),
-                                    num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                    strict=True, inject_missing_state=True))
-    return into, tag
+    with storage.local_scratch("universal-") as into:
+        # One worker each: no process pool inside a Ray worker. inject_missing_state: a plain (not
+        # tensor-parallel) model saves no UNIVERSAL_CHECKPOINT_INFO, and the converter would refuse it.
+        to_universal(argparse.Namespace(input_folder=str(directory / tag), output_folder=str(into / tag),
+                                        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                        strict=True, inject_missing_state=True))
+        yield into, tag

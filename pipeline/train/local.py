@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline import storage
-from pipeline.train.checkpoints import MANIFEST
+from pipeline.train.checkpoints import upload_checkpoint
 from pipeline.train.loop import SaveCheckpoint
 from pipeline.train.rank import WorkerPlan, run_rank
 
@@ -39,7 +39,7 @@ class LocalReporter:
         location = storage.join(self.run_dir, f"checkpoint_{int(metrics['tick']):06d}")
         with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
             save(Path(directory))
-            storage.upload_dir(Path(directory), location, last=[MANIFEST.format(rank=0)])
+            upload_checkpoint(Path(directory), location, rank=0)
         self.checkpoints.append(location)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,18 +87,11 @@ def _check_same_samples(progress, global_batch: int) -> None:
                          f"{progress.global_batch} to continue the same run")
 
 
-def _scratch() -> Path:
-    root = storage.local_cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def eval_samples(cfg: Config, data: PreparedData) -> int:
-    """The fixed eval subset: eval_batches global micro batches, whatever the world size, rounded
-    down to a multiple of it when the split is smaller."""
+    """The size of the fixed eval subset: eval_batches global micro batches, or the whole split
+    when it is smaller (each rank's share is rounded down, `source.eval_batches`)."""
     t = cfg.train
-    wanted = min(data.blocks("eval"), t.eval_batches * t.micro_batch_size * t.num_workers)
-    return wanted - wanted % t.num_workers
+    return min(data.blocks("eval"), t.eval_batches * t.micro_batch_size * t.num_workers)
 
 
 def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: torch.device,
@@ -107,22 +99,23 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
     """Train this rank to train.max_ticks; the number of training samples it read."""
     storage.configure(plan.config.storage)  # a worker process has the driver's settings only through the plan
     configured = plan.config
-    if world != configured.train.num_workers:  # a worker range (train.min_workers): same global batch, more accumulation
+    resized = world != configured.train.num_workers  # a worker range (train.min_workers)
+    if resized:  # the same global batch, more accumulation
         plan = dataclasses.replace(plan, config=configured.with_overrides([f"train.num_workers={world}"]))
     cfg = plan.config.train
     torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // local_world))
     # Rank 0 alone prints, and never a credential (an error message may quote the tracking URI).
     say = (lambda text: print(redact(text), flush=True)) if rank == 0 else (lambda text: None)
-    if world != configured.train.num_workers:
+    if resized:
         say(f"[pipeline] training on {world} of train.num_workers={configured.train.num_workers} workers: "
             f"{cfg.accum_steps} micro batches of {cfg.micro_batch_size} per rank per tick, the same global batch")
-    with _checkpoint_to_resume(plan, rank, world, say) as (location, directory), \
-            tempfile.TemporaryDirectory(prefix="universal-", dir=_scratch()) as scratch:
+    with contextlib.ExitStack() as stack:
+        location, directory = stack.enter_context(_checkpoint_to_resume(plan, rank, world, say))
         tag = None
         if directory is not None and needs_conversion(directory, world):
             say(f"[pipeline] the checkpoint was written by {saved_world_size(directory)} ranks and {world} resume "
                 "it: converting it to DeepSpeed's universal format")
-            directory, tag = universal_copy(directory, Path(scratch))
+            directory, tag = stack.enter_context(universal_copy(directory))
         me, norms = _build_rank(plan, rank, world, device, universal=tag is not None)
         progress = resume(me, directory, tag, own_run=bool(location) and location.startswith(plan.run_dir.rstrip("/") + "/"))
         if location:
@@ -142,8 +135,7 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
                             "norms.blocks": norms.blocks})
         batches = TickBatches(data.reader("train"), sample_order(plan.config, data), rank, world,
                               cfg.micro_batch_size, end_tick=cfg.max_ticks)
-        evaluation = eval_batches(data.reader("eval"), progress.eval_samples - progress.eval_samples % world, rank,
-                                  world, cfg.micro_batch_size)
+        evaluation = eval_batches(data.reader("eval"), progress.eval_samples, rank, world, cfg.micro_batch_size)
         train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation,
                     TickLog(tracker, progress.clock.tick, say, progress.unsent or []), reporter, say)
     finally:

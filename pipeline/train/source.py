@@ -70,9 +70,9 @@ class TickBatches:
 
 
 def eval_batches(reader: BlockReader, samples: int, rank: int, world: int, micro: int) -> list[MicroBatch]:
-    """This rank's share of the fixed eval subset (the split's first `samples` blocks, a multiple
-    of `world`), in micro batches; every rank gets as many batches, since a ZeRO-3 forward is a
-    collective."""
+    """This rank's share of the fixed eval subset (the split's first `samples` blocks, rounded down to
+    a multiple of `world`), in micro batches; every rank gets as many batches, since a ZeRO-3
+    forward is a collective."""
     per_rank = samples // world
     ids = np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64)
     batches = micro_batches(reader, ids, micro)

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.train.checkpoints import MANIFEST
+from pipeline.train.checkpoints import upload_checkpoint
 from pipeline.train.loop import SaveCheckpoint
 from pipeline.train.rank import WorkerPlan, run_rank
 
@@ -48,8 +48,7 @@ def _upload(run_dir: str, rank: int, checkpoint, checkpoint_dir_name: str):
     the same directory; Ray registers it once every rank's upload has returned."""
     import ray.train
 
-    storage.upload_dir(Path(checkpoint.path), storage.join(run_dir, checkpoint_dir_name),
-                       last=[MANIFEST.format(rank=rank)])
+    upload_checkpoint(Path(checkpoint.path), storage.join(run_dir, checkpoint_dir_name), rank)
     # Ray manages (keeps K, deletes older) only checkpoints on its own storage filesystem object.
     ray_storage = ray.train.get_context().get_storage()
     return ray.train.Checkpoint(path=posixpath.join(ray_storage.experiment_fs_path, checkpoint_dir_name),
