@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.jobs import ClusterError, JobError
         from pipeline.train import TrainingFailed
         from pipeline.train.checkpoints import CheckpointError
+        from pipeline.train.resources import ResourcesTimeout
 
-        if isinstance(exc, (JobError, ClusterError, CheckpointError)):
+        if isinstance(exc, (JobError, ClusterError, CheckpointError, ResourcesTimeout)):
             print(f"pipeline: {exc}", file=sys.stderr)
             return 1
         if not isinstance(exc, TrainingFailed):

@@ -124,6 +124,8 @@ class TrainConfig(_Section):
     min_workers: int | None = Field(None, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)
+    # Further Ray resources each worker reserves (custom resources, accelerator types); not CPU/GPU.
+    resources_per_worker: dict[str, float] = {}
     # Torch intra-op threads per worker; None shares this machine's cores evenly between workers.
     threads_per_worker: int | None = Field(None, ge=1)
     zero_stage: int = Field(2, ge=0, le=3)
@@ -156,10 +158,17 @@ class TrainConfig(_Section):
     max_failures: int = Field(0, ge=-1)
     log_every: int = Field(1, ge=1)
     output_dir: str = "outputs"
+    # How long a run waits for the cluster to provide its workers (e.g. while an autoscaler adds GPU
+    # nodes), saying what it waits for, before it fails.
+    resources_timeout_s: float = Field(900, gt=0)
+    # The exported model's safetensors shards, in MiB: the export holds about one shard in memory.
+    export_shard_mb: int = Field(2000, ge=1)
     resume_from: str | None = None  # a checkpoint directory (`pipeline train --resume`)
 
     @model_validator(mode="after")
     def _check_zero(self) -> TrainConfig:
+        if {"CPU", "GPU"} & set(self.resources_per_worker):
+            raise ValueError("resources_per_worker: CPU and GPU come from train.cpus_per_worker and train.use_gpu")
         zero = self.zero
         if zero.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(f"zero: offload_params needs zero_stage 3 (it is {self.zero_stage})")
@@ -249,6 +258,8 @@ class StorageConfig(_Section):
 class RayConfig(_Section):
     address: str | None = None  # None starts a local Ray (dashboard on 127.0.0.1)
     num_cpus: int | None = Field(None, ge=1)
+    # Custom resources a local Ray declares (e.g. {"fake_gpu": 4} to test packing without GPUs).
+    resources: dict[str, float] = {}
 
 
 class SearchDimension(_Section):
@@ -285,7 +296,9 @@ class SweepConfig(_Section):
     name: str | None = None  # default: <experiment>-sweep-<time>
     space: dict[str, SearchDimension] = {}  # empty: the default space over noise.sigma and train.lr
     num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
+    # Trials at once; each needs its train.num_workers workers. 0: as many as the cluster fits (or
+    # can scale to); more than fit is refused.
+    max_concurrent_trials: int = Field(1, ge=0)
     search: Literal["optuna", "random"] = "optuna"
     seed: int = 0
     scheduler: SchedulerConfig = SchedulerConfig()

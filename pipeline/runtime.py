@@ -39,7 +39,7 @@ def ensure_ray(cfg: RayConfig, dashboard: bool = True) -> None:
         ray.init(address=address, runtime_env=None if in_job else runtime_env)
         return
     with _loopback_only():
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+        ray.init(num_cpus=cfg.num_cpus, resources=cfg.resources or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address=LOOPBACK, logging_level=logging.WARNING, runtime_env=runtime_env)
     log.info("started a local Ray instance bound to 127.0.0.1")
 

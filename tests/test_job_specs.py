@@ -27,9 +27,13 @@ def test_spec_is_a_pipeline_command_on_an_existing_config(path):
         load_config(REPO / config, overrides)  # raises ConfigError naming the field if anything is off
 
 
-def test_gpu_spec_asks_for_8_gpu_workers_bf16_zero3():
-    words = shlex.split(load_job_spec(REPO / "jobs" / "finetune-gpu.yaml").entrypoint)
-    assert {"train.use_gpu=true", "train.num_workers=8", "train.zero_stage=3", "train.precision=bf16"} <= set(words)
+def test_gpu_spec_asks_for_16_nodes_of_8_gpus_bf16_zero3_with_everything_in_a_bucket():
+    spec = load_job_spec(REPO / "jobs" / "finetune-gpu.yaml")
+    words = shlex.split(spec.entrypoint)
+    assert {"train.use_gpu=true", "train.num_workers=128", "train.zero_stage=3", "train.precision=bf16"} <= set(words)
+    shared = ("data.path", "data.cache_dir", "model.cache_dir", "train.output_dir")
+    assert all(any(w.startswith(f"{field}=s3://") for w in words) for field in shared)
+    assert "PIPELINE_WORK_DIR" not in spec.runtime_env.env_vars  # no shared directory needed
 
 
 def test_upload_excludes_are_enforced_and_only_named_env_travels(tmp_path):

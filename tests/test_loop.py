@@ -97,3 +97,78 @@ def test_the_attention_implementation_reaches_the_model(prepared, tmp_path):
     assert model.config._attn_implementation == "eager"
     eager, sdpa = losses(run(tmp_path, "eager", "model.attn_implementation=eager")), losses(run(tmp_path, "sdpa"))
     assert eager == pytest.approx(sdpa, rel=1e-5)  # the same function, another kernel
+
+
+class AnonymousPeak:
+    """The peak of this process's private (anonymous) RSS while the block runs, sampled every
+    millisecond. Memory-mapped checkpoint files are left out: their pages are the page cache's,
+    which the kernel reclaims, not memory the export holds."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = self.start = self._anonymous()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _anonymous() -> int:
+        status = open("/proc/self/status").read()
+        return int(status.split("RssAnon:")[1].split()[0]) * 1024
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._anonymous())
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.start
+
+
+def test_the_export_writes_the_trained_weights_in_shards_holding_one_shard_at_a_time(prepared, tmp_path):
+    import json
+
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.train.checkpoints import local_checkpoint, problem_with
+    from pipeline.train.export import export_model, trained_weights
+
+    wider = ("model.architecture.hidden_size=256", "model.architecture.intermediate_size=1024",
+             "model.architecture.num_hidden_layers=4", "train.zero_stage=2")
+    cfg = tiny_config(tmp_path, "train.num_workers=1", *wider)
+    model_ref, _ = prepare(cfg)
+    checkpoint = run(tmp_path, "run", *wider, "train.max_ticks=2").checkpoints[-1]
+    with local_checkpoint(checkpoint) as directory:
+        trained = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="tick-000002")
+        trained_weights(directory)  # imports DeepSpeed's and torch's lazy paths before the measurement
+    model_bytes = sum(t.numel() * 4 for t in trained.values())
+    AutoModelForCausalLM  # noqa: B018  (transformers' model classes imported before the measurement too)
+    shard = 2**20
+    with AnonymousPeak() as hashing:  # the export verifies the checkpoint first: 8 MiB per hashing thread
+        assert problem_with(checkpoint) is None
+    with AnonymousPeak() as memory:
+        exported = export_model(checkpoint, model_ref, str(tmp_path / "model"), torch.float32, shard)
+    index = json.loads((exported.local_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 8  # the 16 MB model in 1 MiB shards
+    # Beside the hashing, about a shard and its serialization (the consolidation used to hold 2x the model).
+    print(f"export: {memory.grown / 2**20:.1f} MiB, hashing {hashing.grown / 2**20:.1f} MiB, model "
+          f"{model_bytes / 2**20:.1f} MiB")
+    assert memory.grown - hashing.grown < 3 * shard, (memory.grown, hashing.grown, model_bytes)
+    reloaded = AutoModelForCausalLM.from_pretrained(exported.local_dir)
+    for name, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, trained.get(name, trained.get("model.embed_tokens.weight")), rtol=1e-5,
+                                   atol=0)
+    halved = export_model(checkpoint, model_ref, str(tmp_path / "model-bf16"), torch.bfloat16, shard)
+    in_bf16 = AutoModelForCausalLM.from_pretrained(halved.local_dir, dtype="auto")
+    assert in_bf16.dtype == torch.bfloat16 and in_bf16.config.dtype == torch.bfloat16
+    assert torch.equal(in_bf16.model.norm.weight, trained["model.norm.weight"].to(torch.bfloat16))

@@ -14,6 +14,7 @@ import pytest
 from pipeline import storage
 from pipeline.train.checkpoints import (
     MANIFEST,
+    SIZES_ONLY,
     CheckpointError,
     checkpoint_tick,
     choose_checkpoint,
@@ -131,7 +132,8 @@ def test_a_named_checkpoint_falls_back_only_to_older_ones(run_dir, s3_env):
 
 def test_resume_point_of_a_new_an_interrupted_and_a_ruined_run(run_dir, s3_env):
     fresh = f"s3://{s3_env.bucket('fresh')}/ray/run-2"
-    assert resume_point(fresh, "s3://elsewhere/ckpt") == ("s3://elsewhere/ckpt", [])
+    newest = storage.join(run_dir, NAMES[2])
+    assert resume_point(fresh, newest) == (newest, [])  # a new run: train.resume_from, verified
     assert resume_point(run_dir, None) == (storage.join(run_dir, NAMES[2]), [])
     for name in NAMES:
         corrupt(storage.join(run_dir, name), s3_env, MANIFEST.format(rank=1), None)
@@ -196,3 +198,40 @@ def test_the_worker_upload_function_returns_a_checkpoint_ray_manages(s3_env, tmp
     assert is_managed_checkpoint(ray_storage, checkpoint)
     assert storage.to_location(run, checkpoint.path) == storage.join(run, NAMES[0])
     assert problem_with(storage.join(run, NAMES[0])) is None and checkpoint_tick(storage.join(run, NAMES[0])) == 2
+
+
+def test_ranks_hash_disjoint_shares_and_the_driver_hashes_nothing(run_dir, s3_env):
+    newest = storage.join(run_dir, NAMES[2])
+    corrupt(newest, s3_env, "tick-000006/rank1_states.pt", b"\1" * 2000)  # bit rot in rank 1's file
+    start = len(requests(s3_env))
+    assert problem_with(newest, SIZES_ONLY) is None  # sizes and manifests agree: only a hash can tell
+    verdicts = [problem_with(newest, (rank, 2)) for rank in range(2)]
+    assert verdicts[0] is None and "tick-000006/rank1_states.pt does not match its SHA-256" in verdicts[1]
+    hashed = [path for method, path in requests(s3_env)[start:]
+              if method == "GET" and "list-type=2" not in path and "pipeline_manifest" not in path]
+    assert sorted(hashed) == sorted(set(hashed)) and len(hashed) == 3  # each file by one rank, once
+
+
+def agree_on_rank(rank: int, world: int, init_file: str, run_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipeline.config import StorageConfig
+    from pipeline.train.rank import _agreed_verdict
+
+    storage.configure(StorageConfig())  # the bucket's endpoint and keys, from the inherited environment
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(resume_point(run_dir, None, _agreed_verdict(rank, world))))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_verifying_their_shares_agree_to_skip_a_corrupt_shard(run_dir, s3_env, tmp_path):
+    import torch.multiprocessing as mp
+
+    newest, previous = storage.join(run_dir, NAMES[2]), storage.join(run_dir, NAMES[1])
+    corrupt(newest, s3_env, "tick-000006/rank1_states.pt", b"\1" * 2000)  # only rank 1 hashes it
+    mp.start_processes(agree_on_rank, args=(2, str(tmp_path / "init"), run_dir, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        chosen, warnings = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert chosen == previous
+        assert f"{newest} is corrupt or partial (tick-000006/rank1_states.pt does not match" in warnings[0]

@@ -56,12 +56,20 @@ def test_bad_sweep_configs_name_the_field():
         run_sweep(load_config(SWEEP_YAML, ["train.eval_every=0"]))
 
 
+# Two "GPUs" declared on the local Ray (Ray schedules declared resources without hardware), one per
+# trial's worker: Tune may run as many trials at once as fit, which is two.
+FAKE_GPUS = ['ray.resources={"fake_gpu": 2}', 'train.resources_per_worker={"fake_gpu": 1}']
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = load_config(SWEEP_YAML, sweep_overrides(tmp) + [SPACE])
+    cfg = load_config(SWEEP_YAML, sweep_overrides(tmp) + [SPACE, *FAKE_GPUS, "sweep.max_concurrent_trials=0"])
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
+        with pytest.raises(ConfigError, match=r"sweep.max_concurrent_trials: 3 trials at once need \{CPU: 1.53, "
+                                              r"fake_gpu: 3\}, and 2 fit .*; set it to at most 2"):
+            run_sweep(cfg.with_overrides(["sweep.max_concurrent_trials=3"]))
         outcome = run_sweep(cfg)
     finally:
         ray.shutdown()
@@ -91,7 +99,26 @@ def test_sweep_nests_trials_under_one_parent_and_asha_stops_one(sweep):
         assert client.get_metric_history(run.info.run_id, "loss")
         assert float(run.data.params["train.lr"]) in (0.02, 0.0001)
     assert "best_eval_loss" in parent.data.metrics and "noise_gain" in parent.data.metrics
+    # The trials ran two at a time: as many as the fake GPUs fit, and never more.
+    spans = [(run.info.start_time, run.info.end_time) for run in children]
+    at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
+    assert at_once == 2, spans
     assert float(parent.data.params["best.train.lr"]) == 0.02
+
+
+@pytest.mark.slow
+def test_only_the_best_trials_checkpoint_keeps_its_optimizer_state(sweep):
+    from pipeline.train.checkpoints import problem_with, weights_only
+
+    cfg, outcome = sweep
+    best = client_for(cfg.tracking.uri).get_run(outcome.parent_run_id).data.params["best.trial_id"]
+    checkpoints = sorted(outcome.experiment_dir.parent.glob(f"{outcome.experiment_dir.name}-trials/trial-*/checkpoint_*"))
+    assert any(f"trial-{best}" in str(c) for c in checkpoints) and len(checkpoints) > 1
+    for checkpoint in checkpoints:
+        mine = f"trial-{best}" in str(checkpoint)
+        assert bool(list(checkpoint.glob("*/*optim_states.pt"))) == mine, checkpoint
+        assert weights_only(checkpoint) != mine and problem_with(checkpoint) is None  # still a verified checkpoint
+        assert (checkpoint / next(checkpoint.glob("tick-*")).name / "mp_rank_00_model_states.pt").is_file()
 
 
 @pytest.mark.slow

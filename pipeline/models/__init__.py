@@ -7,10 +7,11 @@ from pipeline.models.load import (
     hf_dir_fingerprint,
     load_causal_lm,
     load_tokenizer,
+    local_model,
     materialize_model,
     max_positions,
 )
 from pipeline.models.patch import FusedNorm, NormPatchReport, patch_norms, patch_norms_with_report
 
-__all__ = ["FusedNorm", "NormPatchReport", "hf_dir_fingerprint", "load_causal_lm", "load_tokenizer",
+__all__ = ["FusedNorm", "NormPatchReport", "hf_dir_fingerprint", "load_causal_lm", "load_tokenizer", "local_model",
            "materialize_model", "max_positions", "patch_norms", "patch_norms_with_report"]

@@ -14,7 +14,9 @@ never by per-model name lists:
 
 Norms outside the blocks other than the final norm (BERT's embedding LayerNorm, an MLM head's) are
 left alone and listed in the report. Patching an already patched model is a no-op that returns 0.
-Patch before `deepspeed.initialize`: ZeRO-3 partitions parameters and the probe needs them whole.
+Patch before `deepspeed.initialize` (its ZeRO-3 hooks attach to the modules there). Parameters that
+`deepspeed.zero.Init` has already partitioned are fine: the probe uses random weights of each
+parameter's full shape (`ds_shape`), never the values.
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def patch_norms_with_report(model: nn.Module, backend: str = "auto") -> NormPatc
         raise ValueError(f"kernel backend must be one of {kernels.BACKENDS}, got {backend!r}")
     if any(isinstance(module, FusedNorm) for module in model.modules()):
         return NormPatchReport()  # already patched: a no-op, so a second call cannot double-wrap
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise ValueError("patch the norms before deepspeed.initialize: ZeRO has already partitioned the weights")
+    if any(hasattr(m, "ds_id") for m in model.modules()):  # the ZeRO-3 engine numbers the modules it hooks
+        raise ValueError("patch the norms before deepspeed.initialize: its ZeRO-3 hooks would miss the new modules")
 
     block_lists = _block_lists(model)
     if not block_lists:
@@ -157,7 +159,12 @@ def _is_norm(module: nn.Module) -> bool:
     if isinstance(module, FusedNorm) or next(module.children(), None) is not None:
         return False
     named = isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "norm" in type(module).__name__.lower()
-    return named and all(p.dim() == 1 for p in module.parameters(recurse=False))
+    return named and all(len(full_shape(p)) == 1 for p in module.parameters(recurse=False))
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its own shape is then empty)."""
+    return getattr(param, "ds_shape", param.shape)
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -204,7 +211,7 @@ def _classify(name: str, module: nn.Module) -> _Form:
     eps = _eps(module, params)
     if eps is None:
         raise ValueError(f"norm {where} has no {'/'.join(_EPS_ATTRIBUTES)} attribute; cannot tell its epsilon")
-    hidden = params["weight"].numel() if "weight" in params else _declared_width(module)
+    hidden = full_shape(params["weight"]).numel() if "weight" in params else _declared_width(module)
     for kind, offset in _FORMS:
         if "bias" in params and kind != "layer_norm":
             continue  # the fused RMSNorm has no bias, so it cannot stand in for one with a bias
@@ -244,7 +251,7 @@ def _behaves_like(module: nn.Module, params: dict[str, nn.Parameter], kind: str,
     non-zero mean separate LayerNorm from RMSNorm; inputs scaled to variance ~eps check eps itself.
     """
     generator = torch.Generator().manual_seed(0)
-    probe = {n: torch.randn(p.shape, generator=generator) * 0.5 + (1.0 if n == "weight" else 0.0)
+    probe = {n: torch.randn(full_shape(p), generator=generator) * 0.5 + (1.0 if n == "weight" else 0.0)
              for n, p in params.items()}
     buffers = {n: b.detach().to("cpu", torch.float32 if b.is_floating_point() else b.dtype)
                for n, b in module.named_buffers(recurse=False)}

@@ -249,20 +249,39 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def log_hf_model(tracker: Tracker, model_dir: Path, max_new_tokens: int) -> str:
-    """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it."""
+def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int) -> str:
+    """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it.
+    It is logged as a local checkpoint: its files are copied, the model is never loaded here."""
     import mlflow
     import transformers
 
     # pip_requirements is given explicitly: MLflow's inference of them imports torchvision,
     # which is not installed (and not needed) here.
     requirements = [f"transformers=={transformers.__version__}", "torch", "accelerate", "tokenizers"]
-    pipe = transformers.pipeline("text-generation", model=str(model_dir), tokenizer=str(model_dir))
-    with using_tracking_uri(tracker.target.uri), mlflow.start_run(run_id=tracker.target.run_id):
+    with using_tracking_uri(target.uri), mlflow.start_run(run_id=target.run_id), _pipeline_classes_resolved():
         info = mlflow.transformers.log_model(
-            transformers_model=pipe, name="model", task="text-generation", pip_requirements=requirements,
+            transformers_model=str(model_dir), name="model", task="text-generation", pip_requirements=requirements,
             model_config={"max_new_tokens": max_new_tokens})
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _pipeline_classes_resolved():
+    """MLflow 3.17 logs a local checkpoint with `check_task(task)[1]["impl"].__name__`, and
+    transformers 5 gives a dotted class path (a str) there; resolve it to the class while logging."""
+    from transformers import pipelines
+
+    original = pipelines.check_task
+
+    def check_task(task):
+        name, targeted, options = original(task)
+        return name, {**targeted, "impl": pipelines._resolve_impl(targeted["impl"])}, options
+
+    pipelines.check_task = check_task
+    try:
+        yield
+    finally:
+        pipelines.check_task = original
 
 
 def load_pyfunc(model_uri: str, uri: str):

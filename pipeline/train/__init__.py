@@ -1,7 +1,7 @@
 """Ray Train + DeepSpeed fine-tuning: the only package where ranks exist."""
 
-from pipeline.train.checkpoints import CheckpointError, choose_checkpoint
-from pipeline.train.export import ExportedModel, export_model
+from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, drop_optimizer_state
+from pipeline.train.export import ExportedModel, export_in_task, export_model
 from pipeline.train.launch import (
     TrainingFailed,
     TrainOutcome,
@@ -11,6 +11,8 @@ from pipeline.train.launch import (
     run_training,
     stored_checkpoint,
 )
+from pipeline.train.resources import describe, runs_that_fit, worker_bundle
 
 __all__ = ["CheckpointError", "ExportedModel", "TrainOutcome", "TrainingFailed", "check_against_data", "choose_checkpoint",
-           "export_model", "fit", "prepare", "run_training", "stored_checkpoint"]
+           "describe", "drop_optimizer_state", "export_in_task", "export_model", "fit", "prepare", "run_training", "runs_that_fit",
+           "stored_checkpoint", "worker_bundle"]

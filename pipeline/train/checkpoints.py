@@ -20,7 +20,7 @@ import fnmatch
 import json
 import os
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,6 +34,19 @@ MANIFEST = "pipeline_manifest.rank{rank}.json"
 MANIFEST_GLOB = "pipeline_manifest.rank*.json"
 
 Location = str | os.PathLike  # a local path or a URI
+SIZES_ONLY = (0, 0)  # a `share` that hashes nothing: the listing and the manifests only
+# How a checkpoint is judged: its location (as every rank saw it) and its problem, or None. The
+# default hashes every file here; the ranks of a run each hash a share and agree (`train.rank`).
+Verify = Callable[["_Stored"], str | None]
+
+
+def verify_everything(stored: _Stored) -> str | None:
+    return stored.problem()
+
+
+def verify_sizes_only(stored: _Stored) -> str | None:
+    """The listing and the manifests, no hashing: for a driver whose ranks hash their own shares."""
+    return stored.problem(SIZES_ONLY)
 
 
 class CheckpointError(RuntimeError):
@@ -94,74 +107,98 @@ class _Stored:
                 tick = None
         return (float("inf") if tick is None else float(tick), posixpath.basename(self.location))
 
-    def problem(self) -> str | None:
-        if not self.files and not storage.is_dir(self.location):
-            return "not a directory"
-        if not self.manifests:
-            return "no manifest (partial, or not written by this pipeline)"
-        unreadable = next((m for m in self.manifests if isinstance(m, str)), None)
-        if unreadable:
-            return unreadable
-        try:
-            world_size = self.manifests[0]["world_size"]
-            missing = sorted(set(range(world_size)) - {m["rank"] for m in self.manifests})
-            expected = [(name, entry["size"], entry["sha256"]) for m in self.manifests
-                        for name, entry in m["files"].items()]
-        except (KeyError, TypeError) as exc:
-            return f"unreadable manifest (no {exc})"
-        if missing:
-            return f"no manifest from rank(s) {', '.join(map(str, missing))} of {world_size}"
-        for name, size, _ in expected:  # the listing answers these: no request per file
-            if name not in self.files:
-                return f"{name} is missing"
-            if self.files[name].size != size:
-                return f"{name} has {self.files[name].size} bytes, the manifest says {size}"
-        names = list(dict.fromkeys(name for name, _, _ in expected))  # a file two ranks list is read once
+    def problem(self, share: tuple[int, int] = (0, 1)) -> str | None:
+        """What is wrong with this checkpoint, or None. `share` = (rank, ranks): every rank checks
+        the listing and the manifests, and hashes only the files of its share: a file belongs to the
+        lowest manifest rank m that lists it, and goes to rank m mod ranks (so at the same world size
+        each rank hashes the files it wrote and will load, and no file is read twice). (0, 1) hashes
+        everything; SIZES_ONLY hashes nothing."""
+        problem, expected = self._listing_problem()
+        if problem or share == SIZES_ONLY:
+            return problem
+        rank, ranks = share
+        owner: dict[str, int] = {}
+        for manifest_rank, name, _ in expected:
+            owner[name] = min(owner.get(name, manifest_rank), manifest_rank)
+        mine = [(name, sha256) for _, name, sha256 in expected if owner[name] % ranks == rank]
+        names = list(dict.fromkeys(name for name, _ in mine))
         with ThreadPoolExecutor(storage.TRANSFER_THREADS) as pool:
             digests = dict(zip(names, pool.map(storage.sha256, [self.files[n].location for n in names]), strict=True))
-        for name, _, sha256 in expected:
+        for name, sha256 in mine:
             if digests[name] != sha256:
                 return f"{name} does not match its SHA-256 in the manifest"
         return None
 
+    def _listing_problem(self) -> tuple[str | None, list[tuple[int, str, str]]]:
+        """What the listing and the manifests alone show to be wrong; and (manifest rank, file, SHA-256)
+        for every file the manifests list."""
+        if not self.files and not storage.is_dir(self.location):
+            return "not a directory", []
+        if not self.manifests:
+            return "no manifest (partial, or not written by this pipeline)", []
+        unreadable = next((m for m in self.manifests if isinstance(m, str)), None)
+        if unreadable:
+            return unreadable, []
+        try:
+            world_size = self.manifests[0]["world_size"]
+            missing = sorted(set(range(world_size)) - {m["rank"] for m in self.manifests})
+            expected = [(m["rank"], name, entry["size"], entry["sha256"]) for m in self.manifests
+                        for name, entry in m["files"].items()]
+        except (KeyError, TypeError) as exc:
+            return f"unreadable manifest (no {exc})", []
+        if missing:
+            return f"no manifest from rank(s) {', '.join(map(str, missing))} of {world_size}", []
+        for _, name, size, _ in expected:  # the listing answers these: no request per file
+            if name not in self.files:
+                return f"{name} is missing", []
+            if self.files[name].size != size:
+                return f"{name} has {self.files[name].size} bytes, the manifest says {size}", []
+        return None, [(rank, name, sha256) for rank, name, _, sha256 in expected]
 
-def problem_with(location: Location) -> str | None:
-    """Why `location` is not a complete pipeline checkpoint, or None if every manifest verifies."""
-    return _Stored(storage.resolve(os.fspath(location))).problem()
+
+def problem_with(location: Location, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why `location` is not a complete pipeline checkpoint, or None if every manifest verifies (only
+    the files of `share`, see `_Stored.problem`)."""
+    return _Stored(storage.resolve(os.fspath(location))).problem(share)
 
 
 def checkpoint_tick(location: Location) -> int | None:
     return _Stored(storage.resolve(os.fspath(location))).tick
 
 
-def choose_checkpoint(location: Location) -> tuple[str, list[Skipped]]:
+def choose_checkpoint(location: Location, verify: Verify = verify_everything) -> tuple[str, list[Skipped]]:
     """The newest valid checkpoint at `location`, which is either a checkpoint directory (then older
     siblings are the fallbacks) or a run directory holding `checkpoint_*` directories."""
     location = storage.resolve(os.fspath(location))
     given = _Stored(location)
     if _looks_like_checkpoint(given):
         older = [c for c in _checkpoints_in(posixpath.dirname(location)) if c.order < given.order]
-        return _first_valid([given, *_newest_first(older)])
+        return _first_valid([given, *_newest_first(older)], verify)
     candidates = _newest_first(_checkpoints_in(location))
     if not candidates:
         raise CheckpointError(f"{location} holds no checkpoint directories")
-    return _first_valid(candidates)
+    return _first_valid(candidates, verify)
 
 
-def resume_point(run_dir: Location | None, resume_from: str | None) -> tuple[str | None, list[str]]:
+def resume_point(run_dir: Location | None, resume_from: str | None,
+                 verify: Verify = verify_everything) -> tuple[str | None, list[str]]:
     """Where a worker group resumes: the newest valid checkpoint of its own run (after a restart),
-    else `resume_from`, else a fresh start (None); plus warnings naming what was skipped. A run
-    whose only checkpoints are all damaged starts over from `resume_from` rather than failing every
-    restart."""
+    else the newest valid one at `resume_from`, else a fresh start (None); plus warnings naming what
+    was skipped. A run whose own checkpoints are all damaged starts over from `resume_from` rather
+    than failing every restart."""
     candidates = _newest_first(_checkpoints_in(storage.resolve(os.fspath(run_dir)))) if run_dir else []
-    if not candidates:
-        return resume_from, []
-    try:
-        chosen, skipped = _first_valid(candidates)
-    except CheckpointError as error:
-        fallback = f"train.resume_from ({resume_from})" if resume_from else "tick 0"
-        return resume_from, [f"warning: {error}; starting again from {fallback}"]
-    return chosen, [describe_fallback(chosen, skipped)] if skipped else []
+    warnings = []
+    if candidates:
+        try:
+            chosen, skipped = _first_valid(candidates, verify)
+            return chosen, [describe_fallback(chosen, skipped)] if skipped else []
+        except CheckpointError as error:
+            fallback = f"train.resume_from ({resume_from})" if resume_from else "tick 0"
+            warnings.append(f"warning: {error}; starting again from {fallback}")
+    if resume_from is None:
+        return None, warnings
+    chosen, skipped = choose_checkpoint(resume_from, verify)
+    return chosen, warnings + ([describe_fallback(chosen, skipped)] if skipped else [])
 
 
 def describe_fallback(chosen: Location, skipped: list[Skipped]) -> str:
@@ -181,10 +218,10 @@ def local_checkpoint(location: str) -> Iterator[Path]:
         yield directory
 
 
-def _first_valid(candidates: list[_Stored]) -> tuple[str, list[Skipped]]:
+def _first_valid(candidates: list[_Stored], verify: Verify) -> tuple[str, list[Skipped]]:
     skipped = []
     for candidate in candidates:
-        problem = candidate.problem()
+        problem = verify(candidate)
         if problem is None:
             return candidate.location, skipped
         skipped.append(Skipped(candidate.location, problem))
@@ -217,6 +254,30 @@ def _checkpoints_in(directory: str) -> list[_Stored]:
 
 def _newest_first(checkpoints: list[_Stored]) -> list[_Stored]:
     return sorted(checkpoints, key=lambda c: c.order, reverse=True)
+
+
+def drop_optimizer_state(location: Location) -> int:
+    """Keep only a verified checkpoint's weights: its optimizer state files go (the bytes freed are
+    returned). Each manifest is rewritten first without them and marked `weights_only`, so the
+    checkpoint still verifies at any moment, and a resume from it is refused by name. ZeRO-3 keeps
+    its weights only inside the optimizer partitions, so a ZeRO-3 checkpoint is left whole (0)."""
+    stored = _Stored(storage.resolve(os.fspath(location)))
+    tag = stored.files.get(TAG_FILE) and storage.read_text(stored.files[TAG_FILE].location).strip()
+    if stored.problem(SIZES_ONLY) or not tag or f"{tag}/mp_rank_00_model_states.pt" not in stored.files:
+        return 0
+    optimizer = {name for name in stored.files if fnmatch.fnmatchcase(name, f"{tag}/*optim_states.pt")}
+    for manifest in stored.manifests:
+        manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in optimizer}
+        manifest["weights_only"] = True
+        storage.write_text(storage.join(stored.location, MANIFEST.format(rank=manifest["rank"])),
+                           json.dumps(manifest, indent=1))
+    for name in optimizer:
+        storage.delete(stored.files[name].location)
+    return sum(stored.files[name].size for name in optimizer)
+
+
+def weights_only(location: Location) -> bool:
+    return any(isinstance(m, dict) and m.get("weights_only") for m in _Stored(storage.resolve(os.fspath(location))).manifests)
 
 
 def upload_checkpoint(directory: Path, location: str, rank: int) -> None:

@@ -3,6 +3,7 @@ beside the run: `<train.output_dir>/<run>/model` on local disk or in object stor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -13,22 +14,61 @@ import torch
 
 from pipeline import storage
 from pipeline.cache import cached_dir, stable_hash
-from pipeline.config import is_uri
+from pipeline.config import Config, is_uri
+from pipeline.tracking import RunTarget
 from pipeline.train.checkpoints import CheckpointError, local_checkpoint, problem_with
+from pipeline.train.schedule import uses_bf16
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ExportedModel:
-    local_dir: Path  # a HF directory on this machine (MLflow logs the model from it)
+    local_dir: Path  # the HF directory on the node that exported it (in a Ray task: maybe not this one)
     location: str  # where it is stored: local_dir itself, or the object-storage URI it was uploaded to
+    model_uri: str | None = None  # MLflow's, when the export logged it
 
 
-def export_model(checkpoint: str, model_ref: str, location: str) -> ExportedModel:
-    """Verify the final checkpoint, rebuild full weights from it on this machine, and store the HF
-    directory at `location` (a URI gets an upload whose config.json comes last, so that a reader who
-    finds config.json finds a complete model). An export never overwrites another run's model."""
+# The export task's own footprint (Python, torch, transformers, DeepSpeed) beside the shard it holds.
+EXPORT_PROCESS_BYTES = 2 * 2**30
+
+
+def export_in_task(cfg: Config, checkpoint: str, model_ref: str, location: str,
+                   log_to: RunTarget | None = None) -> ExportedModel:
+    """`export_model` (and logging the result to MLflow run `log_to`) as a Ray task that declares the
+    memory it needs, so it runs on a node that has it rather than on the driver."""
+    import ray
+
+    memory = EXPORT_PROCESS_BYTES + int(1.5 * cfg.train.export_shard_mb * 2**20)
+    task = ray.remote(num_cpus=1, memory=memory, max_retries=0)(_export_and_log)
+    try:
+        return ray.get(task.remote(cfg, checkpoint, model_ref, location, log_to))
+    except ray.exceptions.RayTaskError as error:
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, (CheckpointError, FileExistsError, ValueError)):
+            raise cause from None  # its own one-line message, not the task's traceback
+        raise
+
+
+def _export_and_log(cfg: Config, checkpoint: str, model_ref: str, location: str,
+                    log_to: RunTarget | None) -> ExportedModel:
+    from pipeline import tracking
+
+    storage.configure(cfg.storage)  # a Ray worker has the driver's settings only through the config
+    exported = export_model(checkpoint, model_ref, location, torch.bfloat16 if uses_bf16(cfg.train) else torch.float32,
+                            cfg.train.export_shard_mb * 2**20)
+    if log_to is None:
+        return exported
+    model_uri = tracking.log_hf_model(log_to, exported.local_dir, cfg.tracking.max_new_tokens)
+    return dataclasses.replace(exported, model_uri=model_uri)
+
+
+def export_model(checkpoint: str, model_ref: str, location: str, dtype: torch.dtype = torch.float32,
+                 shard_bytes: int = 2 * 2**30) -> ExportedModel:
+    """Verify the final checkpoint, rebuild full weights from it on this machine one shard at a time,
+    and store the HF directory at `location` (a URI gets an upload whose config.json comes last, so
+    that a reader who finds config.json finds a complete model). An export never overwrites another
+    run's model."""
     location = storage.resolve(location)
     if storage.exists(location):
         raise FileExistsError(f"{location} already exists; an export never overwrites another run's model")
@@ -38,7 +78,7 @@ def export_model(checkpoint: str, model_ref: str, location: str) -> ExportedMode
         problem = problem_with(directory)  # a downloaded copy is checked as it was read: one read in all
         if problem:
             raise CheckpointError(f"the final checkpoint {checkpoint} is corrupt or partial: {problem}")
-        export_hf_model(directory, model_ref, local_dir)
+        export_hf_model(directory, model_ref, local_dir, dtype, shard_bytes)
     if is_uri(location):
         from pipeline.models.load import upload_model_dir
 
@@ -55,32 +95,46 @@ def _staging_dir(location: str) -> Path:
     return staging
 
 
-def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage (0 stores them whole)."""
+def trained_weights(checkpoint_dir: Path) -> dict:
+    """The full weights of a local DeepSpeed checkpoint, by name, without reading them: each value
+    becomes a tensor in memory only when asked (`.contiguous()`), from memory-mapped files.
+
+    Stages 0-2 store the module whole (in the dtype it trained in, which equals the fp32 master
+    weights when it trained in fp32). ZeRO-3 stores only partitions: each weight is gathered from
+    every rank's optimizer partition of the fp32 master weights as it is asked for."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag = (checkpoint_dir / "pipeline_tag").read_text().strip()
-    if any((checkpoint_dir / tag).glob("*optim_states.pt")):
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    states = torch.load(checkpoint_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+    whole = checkpoint_dir / tag / "mp_rank_00_model_states.pt"  # ZeRO-3 names its files per rank
+    if whole.is_file():
+        return torch.load(whole, map_location="cpu", mmap=True, weights_only=False)["module"]
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
 
 
-def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path:
-    """Write the trained weights, config and tokenizer as a local HF directory (atomically)."""
-    from pipeline.models import load_causal_lm, load_tokenizer
+def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path, dtype: torch.dtype = torch.float32,
+                    shard_bytes: int = 2 * 2**30) -> Path:
+    """Write the trained weights (as `dtype`, in safetensors shards of at most `shard_bytes`, one
+    shard in memory at a time), config and tokenizer as a local HF directory (atomically)."""
+    from transformers import AutoConfig
 
-    state = consolidated_state_dict(checkpoint_dir)
+    from pipeline.models import load_tokenizer, local_model
+    from pipeline.models.weights import ShardWriter
+
+    weights = trained_weights(checkpoint_dir)
+    config = AutoConfig.from_pretrained(local_model(model_ref, weights=False))
+    names, tied = _stored_layout(config)
+    missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names) - tied)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def build(tmp: Path) -> None:
-        model = load_causal_lm(model_ref)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        untied_missing = set(missing) - _tied_names(model)
-        if unexpected or untied_missing:
-            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(untied_missing)[:5]}, "
-                               f"unexpected {sorted(unexpected)[:5]}")
-        model.tie_weights()
-        model.save_pretrained(tmp)
+        writer = ShardWriter(tmp, shard_bytes)
+        for name in names:
+            tensor = weights[name].contiguous()
+            writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        writer.close()
+        config.dtype = dtype
+        config.save_pretrained(tmp)
         load_tokenizer(model_ref).save_pretrained(tmp)
 
     out_dir = Path(out_dir)
@@ -89,8 +143,13 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path) -> Path
     return cached_dir(out_dir.parent, out_dir.name, build)
 
 
-def _tied_names(model) -> set[str]:
-    """Weights that share storage with another (e.g. lm_head tied to the embeddings): checkpoints
-    store them once, under the other name."""
+def _stored_layout(config) -> tuple[list[str], set[str]]:
+    """What `save_pretrained` stores, in order (the state dict but for tied duplicates), and the tied
+    duplicates (e.g. lm_head tied to the embeddings), found on the meta device: no weight allocated."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     unique = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+    return [name for name in model.state_dict() if name not in tied], tied

@@ -14,9 +14,10 @@ from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedData, prepare_data, prepare_model
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
-from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback
-from pipeline.train.export import export_model
+from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, verify_sizes_only, weights_only
+from pipeline.train.export import export_in_task
 from pipeline.train.rank import WorkerPlan
+from pipeline.train.resources import check_against_cluster, wait_for_workers
 from pipeline.train.worker import train_worker
 
 log = logging.getLogger(__name__)
@@ -39,28 +40,13 @@ def describe_failure(error: Exception) -> str:
     return "; ".join(lines)
 
 
-def check_against_cluster(cfg: Config) -> None:
-    """Ray would wait forever for resources the cluster does not have: fail now, naming the field."""
-    import ray
-
-    t = cfg.train
-    available = ray.cluster_resources()
-    if t.use_gpu and available.get("GPU", 0) < t.num_workers:
-        raise ConfigError(f"train.use_gpu: the Ray cluster has {available.get('GPU', 0):g} GPUs, "
-                          f"fewer than train.num_workers ({t.num_workers})")
-    fewest = t.min_workers or t.num_workers  # with a worker range, Ray Train starts with what fits
-    if t.cpus_per_worker * fewest > available.get("CPU", 0):
-        raise ConfigError(f"train.cpus_per_worker: {fewest} workers x {t.cpus_per_worker:g} CPUs is more than "
-                          f"the {available.get('CPU', 0):g} CPUs of the Ray cluster")
-
-
 @dataclass(frozen=True)
 class TrainOutcome:
     run_id: str
     tracking_uri: str
     run_name: str
     metrics: dict
-    model_dir: Path  # the exported HF directory on this machine
+    model_dir: Path  # the exported HF directory on the node that exported it (this one, on one machine)
     model_location: str  # where it is stored: model_dir itself, or its URI under train.output_dir
     model_uri: str | None  # MLflow's
     checkpoint: str  # the final checkpoint's location (local path or URI)
@@ -102,16 +88,20 @@ def check_kernel(cfg: Config) -> None:
 
 def resolve_resume(cfg: Config) -> Config:
     """train.resume_from may name a checkpoint or a run's storage directory: pin it to the newest
-    checkpoint that verifies, warning about any newer one that is corrupt or partial."""
+    checkpoint whose listing matches its manifests, warning about any newer one that is partial.
+    The file contents are hashed by the ranks, each its own share (`train.rank`), not here."""
     if cfg.train.resume_from is None:
         return cfg
     location = cfg.train.resume_from  # a local path or a URI
     if not storage.is_dir(location):
         raise ConfigError(f"train.resume_from: {location} is not a directory")
     try:
-        chosen, skipped = choose_checkpoint(location)
+        chosen, skipped = choose_checkpoint(location, verify_sizes_only)
     except CheckpointError as error:
         raise ConfigError(f"train.resume_from: {error}") from None
+    if weights_only(chosen):
+        raise ConfigError(f"train.resume_from: {chosen} holds weights only (its optimizer state was dropped after its "
+                          f"sweep); fine-tune from its exported model instead (model.source=hf_dir)")
     if skipped:
         message = describe_fallback(chosen, skipped)
         log.warning(message)
@@ -163,12 +153,11 @@ def run_training(cfg: Config) -> TrainOutcome:
         storage_location = storage.join(output, "ray")
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
         checkpoint = stored_checkpoint(result, storage_location)
-        model = export_model(checkpoint, model_ref, storage.join(output, run_key, "model"))
-        model_uri = (tracking.log_hf_model(tracker, model.local_dir, cfg.tracking.max_new_tokens)
-                     if cfg.tracking.log_model else None)
+        model = export_in_task(cfg, checkpoint, model_ref, storage.join(output, run_key, "model"),
+                               tracker.target if cfg.tracking.log_model else None)
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
                         metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
-                        model_uri=model_uri, checkpoint=checkpoint)
+                        model_uri=model.model_uri, checkpoint=checkpoint)
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None):
@@ -190,7 +179,7 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
         functools.partial(train_worker, plan),
         scaling_config=ray.train.ScalingConfig(num_workers=(t.min_workers, t.num_workers) if t.min_workers else t.num_workers,
                                                use_gpu=t.use_gpu,
-                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+                                               resources_per_worker={"CPU": t.cpus_per_worker, **t.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=storage_name,
             storage_path=storage_path,
@@ -200,6 +189,7 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
             callbacks=callbacks or [],
         ),
     )
+    wait_for_workers(cfg)  # bounded, where Ray Train would wait for ever
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as error:

@@ -23,6 +23,7 @@ from pipeline.tracking.buffer import BufferedTracker
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import local_checkpoint, needs_conversion, resume_point, saved_world_size, universal_copy
 from pipeline.train.loop import Rank, Reporter, resume, train_ticks
+from pipeline.train.partitioned import load_partitioned_causal_lm
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 from pipeline.train.source import TickBatches, eval_batches
 from pipeline.train.tick_log import TickLog
@@ -48,11 +49,15 @@ def sample_order(cfg: Config, data: PreparedData) -> SampleOrder:
 
 def build_model(config: Config, model_ref: str):
     """The HF model as every rank trains it: fused norms, the configured attention, activation
-    checkpointing; (model, the norm report)."""
+    checkpointing, and at ZeRO-3 already partitioned (no rank holds it whole); (model, the norm report)."""
     from pipeline.models import load_causal_lm, patch_norms_with_report
 
     torch.manual_seed(config.train.seed)
-    model = load_causal_lm(model_ref, attn_implementation=config.model.attn_implementation)
+    attention = config.model.attn_implementation
+    if config.train.zero_stage == 3:
+        model = load_partitioned_causal_lm(model_ref, deepspeed_config(config.train), attention)
+    else:
+        model = load_causal_lm(model_ref, attn_implementation=attention)
     model.config.use_cache = False
     norms = patch_norms_with_report(model, backend=config.kernel.backend)  # before ZeRO partitions weights
     if config.train.gradient_checkpointing:
@@ -154,18 +159,12 @@ def _checkpoint_to_resume(plan: WorkerPlan, rank: int, world: int, say):
 
     First choice: the newest valid checkpoint in this run's own storage (after a restart). Looking
     there, rather than only at the checkpoint Ray registered, also finds one every rank had finished
-    uploading when a worker died just before Ray registered it. Rank 0 chooses (hashing every file
-    once, not once per rank) and tells the others, so all ranks load the same one; else
-    train.resume_from (verified by the driver). Every rank then reads it from a local copy: DeepSpeed
-    loads every rank's ZeRO shards, so each rank downloads the whole checkpoint when it is remote."""
-    import torch.distributed as dist
-
-    decision = [None, []]
-    if rank == 0:
-        decision = list(resume_point(plan.run_dir, plan.config.train.resume_from))
-    if world > 1:
-        dist.broadcast_object_list(decision, src=0)
-    location, warnings = decision
+    uploading when a worker died just before Ray registered it. Else the newest valid one at
+    train.resume_from (the driver checked only its listing and manifests). Each rank hashes its own
+    share of a candidate's files and the ranks agree on one verdict, so all load the same checkpoint
+    and no process hashes all of it. Every rank then reads it from a local copy: DeepSpeed loads
+    every rank's ZeRO shards, so each rank downloads the whole checkpoint when it is remote."""
+    location, warnings = resume_point(plan.run_dir, plan.config.train.resume_from, _agreed_verdict(rank, world))
     for warning in warnings:
         say(f"[pipeline] {warning}")
     if location is None:
@@ -173,6 +172,24 @@ def _checkpoint_to_resume(plan: WorkerPlan, rank: int, world: int, say):
         return
     with local_checkpoint(location) as directory:
         yield location, directory
+
+
+def _agreed_verdict(rank: int, world: int):
+    """A `Verify` for one rank of `world`: it hashes its share, then the ranks exchange verdicts, and
+    a checkpoint any rank finds wrong is wrong for all (the lowest such rank's reason is given)."""
+    import torch.distributed as dist
+
+    def verify(stored) -> str | None:
+        problem = stored.problem((rank, world))
+        if world == 1:
+            return problem
+        verdicts = [None] * world
+        dist.all_gather_object(verdicts, (stored.location, problem))
+        if len({where for where, _ in verdicts}) > 1:
+            raise RuntimeError(f"the ranks are judging different checkpoints: {sorted({w for w, _ in verdicts})}")
+        return next((problem for _, problem in verdicts if problem), None)
+
+    return verify
 
 
 def _spill_dir(output_dir: str) -> Path:

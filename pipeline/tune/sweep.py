@@ -83,6 +83,7 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
     model_ref, data = prepare(cfg)  # once for every trial: trials read the same packed cache
     print(data.summary(), flush=True)
     check_against_data(cfg, data)
+    concurrency = trials_at_once(cfg)  # before anything is recorded: a refused sweep leaves no parent run
     if resume is None:
         name = cfg.sweep.name or f"{cfg.tracking.experiment}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage.join(storage.resolve(cfg.sweep.storage_dir), name)
@@ -91,7 +92,7 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
     else:
         parent = reopen_run(RunTarget(state["tracking_uri"], state["parent_run_id"]))
     try:
-        results = _tuner(cfg, model_ref, data, parent.target, experiment_dir, resume is not None).fit()
+        results = _tuner(cfg, model_ref, data, parent.target, experiment_dir, resume is not None, concurrency).fit()
     except BaseException as error:
         close_running_children(parent.target)
         interrupted = isinstance(error, KeyboardInterrupt)
@@ -108,7 +109,24 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
         return _summarize(cfg, model_ref, parent, experiment_dir, results)
 
 
-def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir: str, resume: bool):
+def trials_at_once(cfg: Config) -> int:
+    """sweep.max_concurrent_trials, or with 0 as many trials as the cluster fits (or can scale to).
+    Each trial's TorchTrainer reserves its own workers (Ray Train V2 places them in a placement group
+    of its own, which a Tune bundle cannot hold for it), so the fit is checked here, up front."""
+    from pipeline.train import describe, runs_that_fit, worker_bundle
+
+    per_trial = {key: amount * cfg.train.num_workers for key, amount in worker_bundle(cfg).items()}
+    per_trial["CPU"] += TRIAL_CPUS
+    fits, asked = runs_that_fit(per_trial), cfg.sweep.max_concurrent_trials
+    if asked > fits or fits == 0:
+        raise ConfigError(f"sweep.max_concurrent_trials: {asked or 1} trials at once need "
+                          f"{describe({k: v * (asked or 1) for k, v in per_trial.items()})}, and {fits} fit in what "
+                          f"the Ray cluster has (or can scale to); set it to at most {fits}, or 0 for as many as fit")
+    return asked or fits
+
+
+def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir: str, resume: bool,
+           concurrency: int):
     from ray import tune
 
     from pipeline.tune.trial import TrialPlan, TrialRunStatus, run_trial
@@ -127,7 +145,7 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric="eval_loss", mode="min", search_alg=_searcher(cfg, first_points),
                                     scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=cfg.sweep.max_concurrent_trials),
+                                    max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                                   storage_filesystem=filesystem, callbacks=[TrialRunStatus(parent, cfg.train.max_ticks)]),
     )
@@ -183,8 +201,23 @@ def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: str
     checkpoints = {r.metrics.get("trial_id"): r.metrics.get("checkpoint_path") for r in results if r.metrics}
     registered = _register_best(cfg, model_ref, parent, best, checkpoints.get(best.trial_id)
                                 or _newest_checkpoint(experiment_dir, best.trial_id), experiment_dir)
+    _keep_optimizer_state_of(best.trial_id, experiment_dir)
     return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=False, table=format_table(trials),
                         verdict=result.sentence(), registered=registered)
+
+
+def _keep_optimizer_state_of(best_trial: str, experiment_dir: str) -> None:
+    """Every other trial's checkpoints keep their weights only: the optimizer state (2/3 of a
+    checkpoint with Adam) is only worth keeping for the run one would continue."""
+    from pipeline.train import drop_optimizer_state
+
+    trials_dir = f"{experiment_dir}-trials"
+    freed = sum(drop_optimizer_state(checkpoint) for trial in storage.subdirectories(trials_dir)
+                if posixpath.basename(trial) != f"trial-{best_trial}"
+                for checkpoint in storage.subdirectories(trial) if posixpath.basename(checkpoint).startswith("checkpoint_"))
+    if freed:
+        print(f"[pipeline] dropped the optimizer state of the other trials' checkpoints ({freed / 2**20:.1f} MiB); "
+              f"trial {best_trial} keeps its own", flush=True)
 
 
 def _newest_checkpoint(experiment_dir: str, trial_id: str) -> str | None:
@@ -202,15 +235,14 @@ def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoin
                    experiment_dir: str) -> str | None:
     """Export the best trial's final checkpoint (its location, reported by its driver), log it to its
     run, register it."""
-    from pipeline.tracking import log_hf_model
     from pipeline.tracking.sweeps import register_model
-    from pipeline.train import export_model
+    from pipeline.train import export_in_task
 
     if checkpoint is None or not cfg.tracking.log_model:
         return None
-    model = export_model(checkpoint, model_ref, storage.join(experiment_dir, "best-model"))
-    best_run = Tracker(RunTarget(parent.target.uri, best.run_id))
-    model_uri = log_hf_model(best_run, model.local_dir, cfg.tracking.max_new_tokens)
+    model = export_in_task(cfg, checkpoint, model_ref, storage.join(experiment_dir, "best-model"),
+                           RunTarget(parent.target.uri, best.run_id))
+    model_uri = model.model_uri
     name = cfg.sweep.register_model or f"{cfg.tracking.experiment}-best"
     version = register_model(model_uri, name, {"sweep_id": parent.target.run_id, "noise.sigma": str(best.sigma),
                                                "train.lr": str(best.lr), "trial_id": best.trial_id},
