@@ -38,6 +38,8 @@ bench: install
 	$(PY) bench/activation_memory.py
 	$(PY) bench/norm.py
 	$(PY) bench/checkpoint_manifest.py
+	$(PY) bench/partitioned_memory.py
+	$(PY) bench/export_memory.py
 
 clean:
 	rm -rf $(VENV) .cache outputs mlruns .pytest_cache

@@ -83,7 +83,9 @@ def cpu_report(repeats: int) -> None:
         print(f"{name:<12}{ms:>9.2f}{ms / baseline:>9.2f}{saved_bytes(fn) / 2**20:>11.2f}")
 
 
-def cuda_report(repeats: int) -> None:
+def cuda_bandwidth(repeats: int) -> tuple[float, list[dict]]:
+    """The device's copy bandwidth (GB/s) and, per hidden size and implementation, the GB/s of
+    forward and forward+backward in bf16 over 4096 rows."""
     device = torch.device("cuda")
     sync = torch.cuda.synchronize
     buffer = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
@@ -93,10 +95,7 @@ def cuda_report(repeats: int) -> None:
         from liger_kernel.transformers import LigerLayerNorm
     except ImportError:
         LigerLayerNorm = None
-    print(f"\nCUDA {torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s; bf16, 4096 rows; "
-          f"GB/s and fraction of copy bandwidth")
-    print(f"{'hidden':>7} {'impl':<14}{'fwd GB/s':>10}{'frac':>6}{'fwd+bwd GB/s':>14}{'frac':>6}")
-    rows = 4096
+    rows, measured = 4096, []
     for n in (1024, 2048, 4096, 8192, 16384):
         x = torch.randn(rows, n, device=device, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn_like(x)
@@ -115,9 +114,20 @@ def cuda_report(repeats: int) -> None:
         forward_bytes = 2 * rows * n * element  # read x, write y
         both_bytes = forward_bytes + 3 * rows * n * element  # backward reads x and dy, writes dx
         for name, fn in impls.items():
-            fwd = forward_bytes / median_ms(fn, repeats, sync) / 1e6
-            both = both_bytes / median_ms(lambda: fn().backward(dy), repeats, sync) / 1e6
-            print(f"{n:>7} {name:<14}{fwd:>10.0f}{fwd / copy_gbs:>6.2f}{both:>14.0f}{both / copy_gbs:>6.2f}")
+            measured.append({"hidden": n, "impl": name,
+                             "fwd": forward_bytes / median_ms(fn, repeats, sync) / 1e6,
+                             "both": both_bytes / median_ms(lambda: fn().backward(dy), repeats, sync) / 1e6})
+    return copy_gbs, measured
+
+
+def cuda_report(repeats: int) -> None:
+    copy_gbs, measured = cuda_bandwidth(repeats)
+    print(f"\nCUDA {torch.cuda.get_device_name()}: copy bandwidth {copy_gbs:.0f} GB/s; bf16, 4096 rows; "
+          f"GB/s and fraction of copy bandwidth")
+    print(f"{'hidden':>7} {'impl':<14}{'fwd GB/s':>10}{'frac':>6}{'fwd+bwd GB/s':>14}{'frac':>6}")
+    for r in measured:
+        print(f"{r['hidden']:>7} {r['impl']:<14}{r['fwd']:>10.0f}{r['fwd'] / copy_gbs:>6.2f}{r['both']:>14.0f}"
+              f"{r['both'] / copy_gbs:>6.2f}")
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ def load_on_rank(rank: int, world: int, init_file: str, model_dir: str, results:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as Ray Train sets them
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    ds_config = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    ds_config = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3}}  # all three, as train.schedule writes them (checked against the world)
     reset_peak_rss()
     before = rss_bytes("VmRSS")
     model = load_partitioned_causal_lm(model_dir, ds_config)

@@ -21,6 +21,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class WeightFiles:
 class ShardWriter:
     """Writes tensors one at a time into `model-NNNNN.safetensors` shards of at most `max_bytes`
     each (a bigger tensor gets a shard of its own). `close` renames the shards to HF's
-    `model-NNNNN-of-MMMMM` names and writes the index, which `from_pretrained` reads."""
+    `model-NNNNN-of-MMMMM` names and writes the index, which `from_pretrained` reads (a model that
+    fits one shard is `model.safetensors`, as save_pretrained names it)."""
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
@@ -113,6 +115,9 @@ class ShardWriter:
         if self.pending:
             self._flush()
         count = len(self.written)
+        if count == 1:  # one file: HF's name for an unsharded model, and no index
+            single = self.written[0].rename(self.directory / SINGLE_FILE)
+            return [single]
         named = []
         for number, path in enumerate(self.written, start=1):
             final = path.with_name(f"model-{number:05d}-of-{count:05d}.safetensors")

@@ -36,9 +36,13 @@ EXPORT_PROCESS_BYTES = 2 * 2**30
 def export_in_task(cfg: Config, checkpoint: str, model_ref: str, location: str,
                    log_to: RunTarget | None = None) -> ExportedModel:
     """`export_model` (and logging the result to MLflow run `log_to`) as a Ray task that declares the
-    memory it needs, so it runs on a node that has it rather than on the driver."""
+    memory it needs, so that on a cluster it runs on a node that has it rather than on the driver
+    (a RayJob's head is small). On a one-node Ray the driver's machine is that node: it runs here,
+    without a worker process that would first import torch, transformers and DeepSpeed again."""
     import ray
 
+    if sum(node["Alive"] for node in ray.nodes()) <= 1:
+        return _export_and_log(cfg, checkpoint, model_ref, location, log_to)
     memory = EXPORT_PROCESS_BYTES + int(1.5 * cfg.train.export_shard_mb * 2**20)
     task = ray.remote(num_cpus=1, memory=memory, max_retries=0)(_export_and_log)
     try:

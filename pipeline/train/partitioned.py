@@ -31,6 +31,11 @@ def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementat
     from pipeline.models import local_model
     from pipeline.models.weights import WeightFiles
 
+    if not deepspeed.comm.is_initialized():
+        # zero.Init reads the world size from deepspeed.comm (else it assumes 1 and rejects the batch
+        # sizes); this wraps the torch.distributed group that Ray Train (or train.local) made.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                                   verbose=False)
     directory = Path(local_model(model_ref))
     files = WeightFiles(directory)
     config = AutoConfig.from_pretrained(directory)

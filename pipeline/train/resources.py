@@ -100,7 +100,7 @@ def wait_for_workers(cfg: Config, say=print) -> None:
                                        f"cluster has {describe(ray.available_resources())} free: it did not scale "
                                        f"up (check the autoscaler's node groups and quotas), or raise the timeout")
             ready, _ = ray.wait([group.ready()], timeout=min(PROGRESS_EVERY_S, timeout - waited))
-            if not ready:
+            if not ready and time.monotonic() - started < timeout:
                 say(f"[pipeline] still waiting for {wanted} after {time.monotonic() - started:.0f} s; "
                     f"free now: {describe(ray.available_resources())}")
         say(f"[pipeline] {wanted} placed after {time.monotonic() - started:.0f} s")

@@ -89,15 +89,19 @@ def test_an_unreadable_newest_is_checked_and_named_first(run_dir):
 
 
 def test_resume_point_of_a_restarted_run(run_dir, tmp_path):
-    assert resume_point(None, "/elsewhere") == ("/elsewhere", [])
+    import shutil
+
+    elsewhere = str(tmp_path / "other-run" / "checkpoint_2026-11-20_10-00-00.000000")  # train.resume_from
+    shutil.copytree(run_dir / "checkpoint_2026-11-24_10-00-00.000000", elsewhere)
+    assert resume_point(None, elsewhere) == (elsewhere, [])  # verified where the ranks are
     empty = tmp_path / "fresh-run"
     empty.mkdir()
     assert resume_point(empty, None) == (None, [])  # a new run: nothing to resume
-    assert resume_point(run_dir, "/elsewhere") == (str(run_dir / "checkpoint_2026-11-24_10-00-02.000000"), [])
+    assert resume_point(run_dir, elsewhere) == (str(run_dir / "checkpoint_2026-11-24_10-00-02.000000"), [])
     for directory in run_dir.glob("checkpoint_*"):  # every checkpoint of the run damaged
         (directory / MANIFEST.format(rank=1)).unlink()
-    where, warnings = resume_point(run_dir, "/elsewhere")
-    assert where == "/elsewhere" and len(warnings) == 1
+    where, warnings = resume_point(run_dir, elsewhere)
+    assert where == elsewhere and len(warnings) == 1
     assert warnings[0].startswith("warning: no valid checkpoint: ") and warnings[0].endswith(
-        "starting again from train.resume_from (/elsewhere)")
+        f"starting again from train.resume_from ({elsewhere})")
     assert resume_point(run_dir, None)[1][0].endswith("starting again from tick 0")
