@@ -14,16 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.raw_config import ConfigError, apply_overrides, read_yaml
+
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def is_uri(path: str | None) -> bool:
     """`s3://bucket/key`, `gs://...`: a location in object storage rather than a local path."""
     return bool(path) and bool(_URI.match(path))
-
-
-class ConfigError(ValueError):
-    """A configuration problem, already phrased for the user (names the field)."""
 
 
 class _Section(BaseModel):
@@ -323,61 +321,7 @@ class Config(_Section):
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Read a YAML file, apply `a.b=value` overrides, validate. Raises ConfigError naming the field."""
-    return _validate(apply_overrides(_read_yaml(Path(path)), overrides or []))
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """A config mapping; `extends: other.yaml` (relative to this file) is read first and overlaid."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    base = raw.pop("extends", None)
-    if base is None:
-        return raw
-    base_path = (path.parent / str(base)).resolve()
-    if base_path in seen:
-        raise ConfigError(f"extends: {path} extends itself through {base_path}")
-    return overlay(_read_yaml(base_path, (*seen, path.resolve())), raw)
-
-
-def overlay(base: dict, top: dict) -> dict:
-    """`top` over `base`, recursively (a YAML over the one it extends, train.deepspeed over the generated config)."""
-    merged = _deep_copy(base)
-    for key, value in top.items():
-        merged[key] = overlay(merged[key], value) if isinstance(value, dict) and isinstance(
-            merged.get(key), dict) else _deep_copy(value)
-    return merged
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set dotted keys (`train.lr=3e-4`); values are parsed as YAML, so numbers and lists work."""
-    result = _deep_copy(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{item}' must look like section.field=value")
-        node = result
-        *parents, leaf = key.split(".")
-        for index, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parents[: index + 1])}: is a value, cannot set '{key}'")
-            node = child
-        node[leaf] = yaml.safe_load(value) if value else ""
-    return result
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value
+    return _validate(apply_overrides(read_yaml(Path(path)), overrides or []))
 
 
 def _validate(raw: dict) -> Config:
@@ -399,18 +343,6 @@ def describe_error(error: dict) -> str:
     if error["type"] == "missing":
         return f"{field}: required field is missing"
     return f"{field}: {message} (got {error.get('input')!r})"
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}: how the config becomes MLflow params."""
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    if not isinstance(value, dict):
-        return {prefix: value}
-    flat: dict[str, Any] = {}
-    for key, child in value.items():
-        flat.update(flatten(child, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def to_yaml(config: Config) -> str:

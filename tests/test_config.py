@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, apply_overrides, flatten, load_config
+from pipeline.config import ConfigError, load_config
+from pipeline.raw_config import apply_overrides, flatten
 from pipeline.tracking import tracking_uri
 
 from conftest import REPO, TINY_YAML

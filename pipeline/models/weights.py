@@ -57,10 +57,9 @@ class WeightFiles:
         """Elements [start, stop) of the flattened tensor `name`, as a new 1-D tensor of its stored dtype."""
         stored = self.tensors[name]
         stop = stored.numel if stop is None else stop
-        size = torch.empty((), dtype=stored.dtype).element_size()
         out = torch.empty(max(0, stop - start), dtype=stored.dtype)
         with open(stored.file, "rb") as handle:
-            handle.seek(stored.begin + start * size)
+            handle.seek(stored.begin + start * out.element_size())
             handle.readinto(memoryview(out.view(torch.uint8).numpy()))
         return out
 
@@ -78,7 +77,6 @@ class ShardWriter:
         self.pending: list[tuple[str, torch.Tensor]] = []
         self.pending_bytes = 0
         self.total_bytes = 0
-        self.largest_shard = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -108,7 +106,6 @@ class ShardWriter:
             self.weight_map[name] = len(self.written)
         self.written.append(path)
         self.total_bytes += self.pending_bytes
-        self.largest_shard = max(self.largest_shard, self.pending_bytes)
         self.pending, self.pending_bytes = [], 0
 
     def close(self) -> list[Path]:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.config import Config, ConfigError, flatten, to_yaml
+from pipeline.config import Config, ConfigError, to_yaml
+from pipeline.raw_config import flatten
 from pipeline.tracking.secrets import redact
 
 log = logging.getLogger(__name__)

@@ -32,6 +32,10 @@ from pipeline.config import is_uri
 TAG_FILE = "pipeline_tag"
 MANIFEST = "pipeline_manifest.rank{rank}.json"
 MANIFEST_GLOB = "pipeline_manifest.rank*.json"
+# DeepSpeed's names inside a tag directory: stages 0-2 store the whole module in one file (ZeRO-3
+# names its model files per rank and keeps the weights only in the optimizer partitions).
+WHOLE_MODULE_FILE = "mp_rank_00_model_states.pt"
+OPTIMIZER_GLOB = "*optim_states.pt"
 
 Location = str | os.PathLike  # a local path or a URI
 SIZES_ONLY = (0, 0)  # a `share` that hashes nothing: the listing and the manifests only
@@ -263,9 +267,9 @@ def drop_optimizer_state(location: Location) -> int:
     its weights only inside the optimizer partitions, so a ZeRO-3 checkpoint is left whole (0)."""
     stored = _Stored(storage.resolve(os.fspath(location)))
     tag = stored.files.get(TAG_FILE) and storage.read_text(stored.files[TAG_FILE].location).strip()
-    if stored.problem(SIZES_ONLY) or not tag or f"{tag}/mp_rank_00_model_states.pt" not in stored.files:
+    if stored.problem(SIZES_ONLY) or not tag or f"{tag}/{WHOLE_MODULE_FILE}" not in stored.files:
         return 0
-    optimizer = {name for name in stored.files if fnmatch.fnmatchcase(name, f"{tag}/*optim_states.pt")}
+    optimizer = {name for name in stored.files if fnmatch.fnmatchcase(name, f"{tag}/{OPTIMIZER_GLOB}")}
     for manifest in stored.manifests:
         manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in optimizer}
         manifest["weights_only"] = True
@@ -286,6 +290,11 @@ def upload_checkpoint(directory: Path, location: str, rank: int) -> None:
     storage.upload_dir(directory, location, last=[MANIFEST.format(rank=rank)])
 
 
+def local_tag(directory: Path) -> str:
+    """The DeepSpeed tag (`tick-NNNNNN`) of a local checkpoint directory."""
+    return (directory / TAG_FILE).read_text().strip()
+
+
 def saved_world_size(directory: Path) -> int:
     """The number of ranks that wrote a (local) checkpoint, from its manifests."""
     return len(list(directory.glob(MANIFEST_GLOB)))
@@ -295,7 +304,7 @@ def needs_conversion(directory: Path, world: int) -> bool:
     """Whether `world` ranks can load this local checkpoint only in universal form: it was written by
     another number of ranks and holds partitioned optimizer state (ZeRO >= 1, or bf16 at stage 0).
     A stage-0 fp32 checkpoint holds whole states and loads at any world size as it is."""
-    return saved_world_size(directory) != world and any(directory.glob("*/*optim_states.pt"))
+    return saved_world_size(directory) != world and any(directory.glob(f"*/{OPTIMIZER_GLOB}"))
 
 
 @contextlib.contextmanager
@@ -309,7 +318,7 @@ def universal_copy(directory: Path) -> Iterator[tuple[Path, str]]:
 
     from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
-    tag = (directory / TAG_FILE).read_text().strip()
+    tag = local_tag(directory)
     with storage.local_scratch("universal-") as into:
         # One worker each: no process pool inside a Ray worker. inject_missing_state: a plain (not
         # tensor-parallel) model saves no UNIVERSAL_CHECKPOINT_INFO, and the converter would refuse it.

@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.cache import cached_dir, stable_hash
 from pipeline.config import Config, is_uri
 from pipeline.tracking import RunTarget
-from pipeline.train.checkpoints import CheckpointError, local_checkpoint, problem_with
+from pipeline.train.checkpoints import WHOLE_MODULE_FILE, CheckpointError, local_checkpoint, local_tag, problem_with
 from pipeline.train.schedule import uses_bf16
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,8 @@ def trained_weights(checkpoint_dir: Path) -> dict:
     every rank's optimizer partition of the fp32 master weights as it is asked for."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = (checkpoint_dir / "pipeline_tag").read_text().strip()
-    whole = checkpoint_dir / tag / "mp_rank_00_model_states.pt"  # ZeRO-3 names its files per rank
+    tag = local_tag(checkpoint_dir)
+    whole = checkpoint_dir / tag / WHOLE_MODULE_FILE
     if whole.is_file():
         return torch.load(whole, map_location="cpu", mmap=True, weights_only=False)["module"]
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)

@@ -12,12 +12,9 @@ a time and rank 0 fills them.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementation: str | None = None):
@@ -52,8 +49,8 @@ def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementat
 
 def _fill(model: torch.nn.Module, files) -> None:
     names = _stored_names(model, files)
-    for param_id, param in {id(p): p for _, p in model.named_parameters()}.items():
-        stored = names[param_id]
+    for param in model.parameters():  # each shared (tied) parameter once
+        stored = names[id(param)]
         if getattr(param.ds_tensor, "final_location", None) is None:
             _fill_own_partition(param, files, stored)
         else:
@@ -78,9 +75,11 @@ def _stored_names(model: torch.nn.Module, files) -> dict[int, str]:
     for name, param in model.named_parameters():
         if id(param) not in found:
             missing.append(name)
-        elif files.tensors[found[id(param)]].numel != param.ds_numel:
-            raise ValueError(f"model.path: weight {found[id(param)]} has shape {files.tensors[found[id(param)]].shape}"
-                             f", the model's config wants {tuple(param.ds_shape)}")
+            continue
+        stored = files.tensors[found[id(param)]]
+        if stored.numel != param.ds_numel:
+            raise ValueError(f"model.path: weight {found[id(param)]} has shape {stored.shape}, the model's config "
+                             f"wants {tuple(param.ds_shape)}")
     if missing:
         raise ValueError(f"model.path: the safetensors files have no weights for {', '.join(missing[:5])}"
                          f"{' and more' if len(missing) > 5 else ''}")

@@ -59,7 +59,7 @@ def build_model(config: Config, model_ref: str):
     else:
         model = load_causal_lm(model_ref, attn_implementation=attention)
     model.config.use_cache = False
-    norms = patch_norms_with_report(model, backend=config.kernel.backend)  # before ZeRO partitions weights
+    norms = patch_norms_with_report(model, backend=config.kernel.backend)  # before deepspeed.initialize hooks modules
     if config.train.gradient_checkpointing:
         # Non-reentrant: recomputation runs inside the tick's noise context, so it draws the same ε.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -54,17 +54,16 @@ def check_against_cluster(cfg: Config) -> None:
     """Ray would wait forever for resources the cluster cannot have: fail now, naming the field."""
     t = cfg.train
     reach = scalable_resources()
-    gpus, cpus = reach.get("GPU", 0.0), reach.get("CPU", 0.0)
+    gpus = reach.get("GPU", 0.0)
     if t.use_gpu and gpus < fewest_workers(cfg):
         raise ConfigError(f"train.use_gpu: the Ray cluster has (or can scale to) {gpus:g} GPUs, fewer than "
                           f"{fewest_workers(cfg)} workers need (train.num_workers / train.min_workers)")
-    if t.cpus_per_worker * fewest_workers(cfg) > cpus:
-        raise ConfigError(f"train.cpus_per_worker: {fewest_workers(cfg)} workers x {t.cpus_per_worker:g} CPUs is "
-                          f"more than the {cpus:g} CPUs the Ray cluster has (or can scale to)")
-    for key, amount in t.resources_per_worker.items():
-        if amount * fewest_workers(cfg) > reach.get(key, 0.0):
-            raise ConfigError(f"train.resources_per_worker: {fewest_workers(cfg)} workers x {amount:g} {key} is more "
-                              f"than the {reach.get(key, 0.0):g} the Ray cluster has (or can scale to)")
+    for key, amount in worker_bundle(cfg).items():
+        if key != "GPU" and amount * fewest_workers(cfg) > reach.get(key, 0.0):
+            field = "train.cpus_per_worker" if key == "CPU" else "train.resources_per_worker"
+            unit = "CPUs" if key == "CPU" else key
+            raise ConfigError(f"{field}: {fewest_workers(cfg)} workers x {amount:g} {unit} is more than the "
+                              f"{reach.get(key, 0.0):g} {unit} the Ray cluster has (or can scale to)")
 
 
 def runs_that_fit(per_run: dict[str, float]) -> int:
@@ -93,14 +92,16 @@ def wait_for_workers(cfg: Config, say=print) -> None:
             return  # the usual case: it fits now, and nothing is said
         say(f"[pipeline] waiting up to {timeout:g} s (train.resources_timeout_s) for {wanted}; free now: "
             f"{describe(ray.available_resources())}")
+        deadline = started + timeout
         while not ready:
-            waited = time.monotonic() - started
-            if waited >= timeout:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise ResourcesTimeout(f"train.resources_timeout_s: waited {timeout:g} s for {wanted}, and the "
                                        f"cluster has {describe(ray.available_resources())} free: it did not scale "
                                        f"up (check the autoscaler's node groups and quotas), or raise the timeout")
-            ready, _ = ray.wait([group.ready()], timeout=min(PROGRESS_EVERY_S, timeout - waited))
-            if not ready and time.monotonic() - started < timeout:
+            interval = min(PROGRESS_EVERY_S, remaining)
+            ready, _ = ray.wait([group.ready()], timeout=interval)
+            if not ready and interval == PROGRESS_EVERY_S:  # a whole interval passed, not the last piece
                 say(f"[pipeline] still waiting for {wanted} after {time.monotonic() - started:.0f} s; "
                     f"free now: {describe(ray.available_resources())}")
         say(f"[pipeline] {wanted} placed after {time.monotonic() - started:.0f} s")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import TrainConfig, overlay
+from pipeline.config import TrainConfig
+from pipeline.raw_config import overlay
 
 
 def uses_bf16(cfg: TrainConfig) -> bool:
