@@ -100,9 +100,9 @@ def test_sweep_nests_trials_under_one_parent_and_asha_stops_one(sweep):
         assert float(run.data.params["train.lr"]) in (0.02, 0.0001)
     assert "best_eval_loss" in parent.data.metrics and "noise_gain" in parent.data.metrics
     # The trials ran two at a time: as many as the fake GPUs fit, and never more. A trial's span is
-    # its first to its last logged tick (the best run's end time moves when its model is logged).
-    spans = [(min(times), max(times)) for times in
-             ([m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")] for run in children)]
+    # its run's start to its last logged tick (the best run's end time moves when its model is logged).
+    spans = [(run.info.start_time, max(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")))
+             for run in children]
     at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
     assert at_once == 2, spans
     assert float(parent.data.params["best.train.lr"]) == 0.02
