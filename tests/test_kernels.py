@@ -74,7 +74,13 @@ def test_matches_float64_reference(shape, is_rms, sigma, backend, max_block_n, u
     want = [want_y, *torch.autograd.grad(want_y, [t for t in leaves if t is not None], upstream.double())]
     for name, g, w in zip(["y", "dx", "dweight", "dbias"], got, want):
         scale = w.abs().max().item()
-        assert (g.double() - w).abs().max().item() <= 2e-6 * max(scale, 1.0), name
+        error = (g.double() - w).abs()
+        # This case has failed once in a whole-suite run (y off by 1.5e-5, growing along the rows) and
+        # never alone: the message keeps what is needed to tell a thread-dependent error from a build.
+        per_row = error.reshape(-1, error.shape[-1]).max(-1).values if error.dim() > 1 else error
+        assert error.max().item() <= 2e-6 * max(scale, 1.0), (
+            f"{name}: max error per row {per_row.tolist()}, torch threads {torch.get_num_threads()}, "
+            f"native library {native.library()}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

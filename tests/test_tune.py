@@ -64,7 +64,10 @@ FAKE_GPUS = ['ray.resources={"fake_gpu": 2}', 'train.resources_per_worker={"fake
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = load_config(SWEEP_YAML, sweep_overrides(tmp) + [SPACE, *FAKE_GPUS, "sweep.max_concurrent_trials=0"])
+    # A checkpoint at every evaluation: a trial ASHA stops early has one too (whichever trials it
+    # stops, the optimizer-state check below then sees the best trial's and the others').
+    cfg = load_config(SWEEP_YAML, sweep_overrides(tmp) + [SPACE, *FAKE_GPUS, "sweep.max_concurrent_trials=0",
+                                                          "train.checkpoint_every=2"])
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with pytest.raises(ConfigError, match=r"sweep.max_concurrent_trials: 3 trials at once need \{CPU: 1.53, "
