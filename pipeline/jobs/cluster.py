@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.runtime import ONE_MACHINE_RAY_ENV
+
 DEFAULT_RUN_DIR = Path(".cache/pipeline/cluster")
 STATE_FILE = "cluster.json"
 
@@ -54,8 +56,8 @@ def node_env(scratch: Path) -> dict[str, str]:
     may not exceed 107 bytes.)"""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     scratch.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
-            "PIPELINE_LOCAL_CACHE": str(scratch / "local-cache")}
+    return {**os.environ, **ONE_MACHINE_RAY_ENV, "PATH": path, "RAY_AUTH_MODE": "token",
+            "RAY_USAGE_STATS_ENABLED": "0", "PIPELINE_LOCAL_CACHE": str(scratch / "local-cache")}
 
 
 def ray_temp_dir(run_dir: Path) -> Path:
