@@ -65,7 +65,8 @@ class SplitConfig(_Section):
     # hash: a stable hash of the document text decides (eval_fraction of documents go to eval).
     # path_number: the first number that `path_pattern` captures in the file name decides
     #              (documents whose number >= eval_from go to eval), e.g. the year of a speech.
-    rule: Literal["hash", "path_number"] = "hash"
+    # path_hash: a stable hash of the file name decides, so a file is all train or all eval.
+    rule: Literal["hash", "path_number", "path_hash"] = "hash"
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     path_pattern: str = r"^(\d+)"
     eval_from: float | None = None
@@ -77,10 +78,45 @@ class SplitConfig(_Section):
         return self
 
 
+class FieldNames(_Section):
+    """Where the instruction-tuning formats find their parts in a record."""
+
+    messages: str = "messages"  # chat: a list of {role, content}
+    instruction: str = "instruction"  # instruction (alpaca-style): instruction, optional input, output
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"
+
+
+TEXT_FORMATS = ("text", "jsonl", "parquet", "hf")
+EXAMPLE_FORMATS = ("chat", "instruction", "prompt_completion")
+
+
 class DataConfig(_Section):
     path: str
-    format: Literal["text", "jsonl", "parquet", "hf"] = "text"
+    # text/jsonl/parquet/hf: raw text (`text_field` of each record) for plain causal-LM training.
+    # chat/instruction/prompt_completion: prompt and response examples; the loss is on responses.
+    format: Literal["text", "jsonl", "parquet", "hf", "chat", "instruction", "prompt_completion"] = "text"
+    # The files an example format reads; auto: .parquet files, an HF save_to_disk directory (.arrow),
+    # else JSON lines.
+    file_type: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     text_field: str = "text"
+    fields: FieldNames = FieldNames()
+    # A Jinja chat template for `chat`, used instead of the tokenizer's own (needed when it has none);
+    # the exported model carries it.
+    chat_template: str | None = None
+    # `instruction` prompts: {instruction}, and {input} which becomes "### Input:\n<input>\n\n" (or
+    # nothing when the record has no input).
+    prompt_template: str = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+    train_on_prompt: bool = False  # also train on prompt tokens (system/user turns, instructions)
+    # document: examples packed into seq_len blocks, attention and positions restarting at each one;
+    # naive: concatenated, attention crossing examples; none: one example per block, padded.
+    # Default: document for the example formats; raw text is always packed naively.
+    packing: Literal["document", "naive", "none"] | None = None
+    # An example longer than seq_len: skipped and counted as a bad record (too_long), or cut to its
+    # first seq_len tokens (if that leaves no response token it is a bad record, no_response_left).
+    too_long: Literal["skip", "truncate"] = "skip"
     seq_len: int = Field(256, ge=8)
     split: SplitConfig = SplitConfig()
     cache_dir: str = ".cache/pipeline/data"
@@ -98,6 +134,24 @@ class DataConfig(_Section):
     # On every cache hit, hash each token file against meta.json (sizes are always checked, from one
     # listing). Turn off for very large caches whose reading would cost more than it protects.
     verify_checksums: bool = True
+
+    @model_validator(mode="after")
+    def _check_packing(self) -> DataConfig:
+        if self.format in TEXT_FORMATS and self.packing not in (None, "naive"):
+            raise ValueError(f"packing: '{self.packing}' is for the example formats ({', '.join(EXAMPLE_FORMATS)}); "
+                             f"raw text is packed naively")
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError("prompt_template: it must contain {instruction}")
+        return self
+
+    @property
+    def has_examples(self) -> bool:
+        """Prompt/response examples (the loss on responses only), rather than raw text."""
+        return self.format in EXAMPLE_FORMATS
+
+    @property
+    def packing_mode(self) -> str:
+        return self.packing or ("document" if self.has_examples else "naive")
 
 
 class ZeroConfig(_Section):
@@ -234,6 +288,9 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     log_model: bool = True
     max_new_tokens: int = Field(32, ge=1)
+    # Example formats: at every evaluation, this many held-out prompts are answered greedily and
+    # logged as a table (tick, prompt, reference, generation). 0 turns it off.
+    sample_prompts: int = Field(3, ge=0, le=8)
     # A tracking server that does not answer within this many seconds at start fails the run at once.
     connect_timeout_s: float = Field(10.0, gt=0)
     # At the end of training, how long buffered metrics (from a tracking outage) may take to reach

@@ -68,7 +68,7 @@ def anchor_paths(cfg: Config, inputs_base: Path, work_dir: Path | None = None) -
               "train.resume_from": cfg.train.resume_from}
     overrides = [f"{key}={base / value}" for locations, base in ((outputs, work_dir), (inputs, inputs_base))
                  for key, value in locations.items()
-                 if value and not is_uri(value) and not value.startswith(("package:", "~"))
+                 if value and not is_uri(value) and not value.startswith(("package:", "builtin:", "~"))
                  and not Path(value).is_absolute()]
     if cfg.tracking.uri is None:
         overrides.append(f"tracking.uri=sqlite:///{work_dir / 'mlruns' / 'mlflow.db'}")

@@ -16,8 +16,16 @@ REASONS = {
     "invalid_json": "not valid JSON",
     "not_utf8": "not valid UTF-8",
     "empty": "empty document",
-    "missing_field": "no text field",
+    "missing_field": "a field it needs is missing",
     "too_large": "larger than data.max_document_bytes",
+    # the example formats (chat, instruction, prompt_completion)
+    "unknown_role": "a message role other than system, user or assistant",
+    "not_text": "content that is not a string",
+    "empty_response": "an empty response",
+    "no_final_response": "a conversation that does not end with an assistant turn",
+    "template_error": "the chat template refused it",
+    "too_long": "more tokens than data.seq_len",
+    "no_response_left": "no response token left once cut to data.seq_len",
 }
 
 

@@ -47,10 +47,12 @@ def list_corpus(cfg: DataConfig, bad: BadRecords) -> list[CorpusFile]:
     """The corpus files in order, from one listing (no file is opened). Entries that cannot be read
     (dangling links, special files, no read permission) are bad records, counted or failed on here."""
     files = _list_remote(cfg.path) if is_uri(cfg.path) else _list_local(cfg.path, bad)
-    if cfg.format == "hf":  # a save_to_disk directory: the Arrow shards hold the rows
-        files = [f for f in files if f.location.endswith(".arrow")]
-        if not files:
+    arrow = [f for f in files if f.location.endswith(".arrow")]
+    if _container_setting(cfg) == "hf" or (_container_setting(cfg) == "auto" and arrow):
+        # A save_to_disk directory: the Arrow shards hold the rows, its JSON files are metadata.
+        if not arrow:
             raise ConfigError(f"data.path: '{cfg.path}' holds no .arrow files (is it a save_to_disk directory?)")
+        files = arrow
     split_rule = SplitRule(cfg.split)
     for corpus_file in files:
         split_rule.check_file_name(corpus_file.name.rsplit("/", 1)[-1])
@@ -162,6 +164,18 @@ class Piece:
     end: int
 
 
+def _container_setting(cfg: DataConfig) -> str:
+    return cfg.file_type if cfg.has_examples else cfg.format
+
+
+def container(cfg: DataConfig, name: str) -> str:
+    """How a corpus file is read: text (one document), jsonl, parquet or hf (Arrow stream shards)."""
+    setting = _container_setting(cfg)
+    if setting != "auto":
+        return setting
+    return "parquet" if name.endswith(".parquet") else "hf" if name.endswith(".arrow") else "jsonl"
+
+
 def chunk_size(files: list[CorpusFile], chunk_bytes: int, workers: int) -> int:
     """`chunk_bytes`, or less when the corpus would otherwise make too few chunks to keep every
     tokenizer actor busy (a 30 MB corpus in one 32 MiB chunk would run on one actor). Chunking never
@@ -170,15 +184,16 @@ def chunk_size(files: list[CorpusFile], chunk_bytes: int, workers: int) -> int:
     return max(MIN_CHUNK_BYTES, min(chunk_bytes, -(-total // (BLOCKS_PER_WORKER * workers))))
 
 
-def plan_chunks(files: list[CorpusFile], fmt: str, chunk_bytes: int) -> list[list[Piece]]:
+def plan_chunks(files: list[CorpusFile], cfg: DataConfig, chunk_bytes: int) -> list[list[Piece]]:
     """Consecutive pieces grouped into chunks of about `chunk_bytes`; only JSONL files are cut (a
     text file is one document, a parquet or Arrow file is streamed by record batches)."""
     chunks: list[list[Piece]] = [[]]
     filled = 0
     for corpus_file in files:
-        cuts = range(0, corpus_file.size, chunk_bytes) if fmt == "jsonl" and corpus_file.size > chunk_bytes else [0]
+        jsonl = container(cfg, corpus_file.name) == "jsonl"
+        cuts = range(0, corpus_file.size, chunk_bytes) if jsonl and corpus_file.size > chunk_bytes else [0]
         for start in cuts:
-            end = corpus_file.size if fmt != "jsonl" else min(corpus_file.size, start + chunk_bytes)
+            end = min(corpus_file.size, start + chunk_bytes) if jsonl else corpus_file.size
             if chunks[-1] and filled + (end - start) > chunk_bytes:
                 chunks.append([])
                 filled = 0
@@ -194,6 +209,10 @@ class SplitRule:
         self.cfg = cfg
         self.pattern = re.compile(cfg.path_pattern)
 
+    @property
+    def reads_text(self) -> bool:
+        return self.cfg.rule == "hash"
+
     def check_file_name(self, file_name: str) -> None:
         """Run on the driver for every file before Ray reads, so __call__ never raises in a task."""
         if self.cfg.rule == "path_number":
@@ -202,7 +221,8 @@ class SplitRule:
     def __call__(self, file_name: str, text: str) -> str:
         if self.cfg.rule == "path_number":
             return "eval" if self._number(file_name) >= self.cfg.eval_from else "train"
-        digest = int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
+        key = file_name if self.cfg.rule == "path_hash" else text
+        digest = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
         return "eval" if digest / 2**64 < self.cfg.eval_fraction else "train"
 
     def _number(self, file_name: str) -> float:

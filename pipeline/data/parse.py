@@ -6,6 +6,8 @@
   skips to the next line, and its last line may run past `end`. Lines are read in blocks, and a line
   longer than `max_document_bytes` is skipped as it streams by instead of being held.
 - parquet / hf (Arrow stream files): streamed by record batches, only the text column.
+- the example formats (chat, instruction, prompt_completion) read JSON lines, parquet or Arrow files
+  (`corpus.container`) and yield each record's fields whole; `pipeline.data.examples` judges them.
 
 A bad record is yielded with its reason; the reader never raises for one. A problem that is the
 config's (the text column missing) raises `FileProblem`, which the task returns to the driver.
@@ -21,6 +23,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.config import DataConfig
+from pipeline.data.corpus import container
 
 READ_BLOCK = 1 << 20
 
@@ -35,11 +38,13 @@ class Record:
     text: str
     bad: str = ""  # a reason from bad_records.REASONS, or "" for a good document
     detail: str = ""
+    fields: dict | None = None  # an example format's record (its text: the JSON line, or "" from a table)
 
 
 class PieceReader:
     def __init__(self, cfg: DataConfig):
-        self.format = cfg.format
+        self.cfg = cfg
+        self.examples = cfg.has_examples
         self.text_field = cfg.text_field
         self.max_bytes = cfg.max_document_bytes
         self.lines = 0  # lines the last JSONL piece owned, blank ones included
@@ -47,14 +52,15 @@ class PieceReader:
     def records(self, location: str, name: str, size: int, start: int, end: int) -> Iterator[Record]:
         self.lines = 0
         fs, path = storage.filesystem(location)
+        kind = container(self.cfg, name)
         try:
-            if self.format == "text":
+            if kind == "text":
                 yield self._text_file(fs, path, size)
-            elif self.format == "jsonl":
+            elif kind == "jsonl":
                 with fs.open_input_file(path) as handle:
                     yield from self._jsonl(handle, start, end)
             else:
-                yield from self._table(fs, path, name)
+                yield from self._table(fs, path, name, kind)
         except OSError as error:  # unreadable since it was listed (permissions, deleted, storage error)
             yield Record(0, "", "unreadable_file", getattr(error, "strerror", None) or str(error).split("\n")[0])
 
@@ -136,15 +142,22 @@ class PieceReader:
             return Record(number, "", "invalid_json", str(exc))
         if not isinstance(record, dict):
             return Record(number, "", "invalid_json", f"a JSON {type(record).__name__}, not an object")
+        if self.examples:  # the line itself stays the text: what a hash split hashes
+            return Record(number, decoded.text, fields=record)
         text = record.get(self.text_field)
         if not isinstance(text, str):
             return Record(number, "", "missing_field", f"no string field '{self.text_field}'")
         return Record(number, text) if text.strip() else Record(number, "", "empty")
 
-    def _table(self, fs, path: str, name: str) -> Iterator[Record]:
-        batches = self._batches(fs, path, name)
+    def _table(self, fs, path: str, name: str, kind: str) -> Iterator[Record]:
+        batches = self._batches(fs, path, name, kind)
         index = 0
         for batch in batches:
+            if self.examples:
+                for row in batch.to_pylist():
+                    yield Record(index, "", fields=row)
+                    index += 1
+                continue
             for text in batch.column(0).to_pylist():
                 size = len(text.encode()) if text is not None else 0
                 if size > self.max_bytes:
@@ -155,19 +168,32 @@ class PieceReader:
                     yield Record(index, "", "empty")
                 index += 1
 
-    def _batches(self, fs, path: str, name: str) -> Iterator[pa.RecordBatch]:
+    def _batches(self, fs, path: str, name: str, kind: str) -> Iterator[pa.RecordBatch]:
         import pyarrow.parquet as pq
 
-        if self.format == "parquet":
+        if kind == "parquet":
             parquet = pq.ParquetFile(fs.open_input_file(path))
-            check_text_column(parquet.schema_arrow, self.text_field, name)
-            yield from parquet.iter_batches(batch_size=1024, columns=[self.text_field])
+            columns = self._columns(parquet.schema_arrow, name)
+            yield from parquet.iter_batches(batch_size=1024, columns=columns)
             return
         with fs.open_input_stream(path) as source:  # HF save_to_disk shards: Arrow IPC streams
             reader = pa.ipc.open_stream(source)
-            check_text_column(reader.schema, self.text_field, name)
+            columns = self._columns(reader.schema, name)
             for batch in reader:
-                yield batch.select([self.text_field])
+                yield batch.select(columns)
+
+    def _columns(self, schema: pa.Schema, name: str) -> list[str]:
+        """The columns a table is read for: the text column, or the example format's fields that
+        the file has (a missing one then makes each record bad, as in JSON lines)."""
+        if not self.examples:
+            check_text_column(schema, self.text_field, name)
+            return [self.text_field]
+        wanted = example_fields(self.cfg)
+        present = [column for column in wanted if column in schema.names]
+        if not present:
+            raise FileProblem(f"data.fields: {name} has none of the columns {', '.join(wanted)} "
+                              f"(columns: {', '.join(schema.names)})")
+        return present
 
 
 def check_text_column(schema: pa.Schema, text_field: str, name: str) -> None:
@@ -177,3 +203,10 @@ def check_text_column(schema: pa.Schema, text_field: str, name: str) -> None:
     kind = schema.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise FileProblem(f"data.text_field: column '{text_field}' of {name} holds {kind}, not text")
+
+
+def example_fields(cfg: DataConfig) -> list[str]:
+    """The record fields an example format reads."""
+    names = cfg.fields
+    return {"chat": [names.messages], "instruction": [names.instruction, names.input, names.output],
+            "prompt_completion": [names.prompt, names.completion]}[cfg.format]

@@ -16,6 +16,7 @@ died is cleared by the next build.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -26,15 +27,25 @@ from pipeline import storage
 from pipeline.cache import stable_hash
 from pipeline.config import Config, ConfigError, DataConfig, RayConfig
 from pipeline.data.bad_records import BadRecords, NoUsableDocuments, describe
-from pipeline.data.blocks import BlockReader, TokenFile, layout
-from pipeline.data.corpus import SPLITS, CorpusFile, chunk_size, list_corpus, plan_chunks
+from pipeline.data.blocks import BlockReader, PackPlan, TokenFile, layout
+from pipeline.data.corpus import SPLITS, CorpusFile, chunk_size, container, list_corpus, plan_chunks
+from pipeline.data.examples import compile_chat_template
 from pipeline.data.parse import FileProblem, PieceReader
-from pipeline.data.tokenize import backend_tokenizer, keep_backend_tokenizer, tokenize_chunks, tokenizer_location
+from pipeline.data.stdlib_docstrings import BUILTIN_PREFIX, builtin_path
+from pipeline.data.tokenize import (
+    SAMPLE_CANDIDATES,
+    SavedTokenizer,
+    backend_tokenizer,
+    keep_backend_tokenizer,
+    tokenize_chunks,
+    tokenizer_location,
+    with_chat_template,
+)
 
 log = logging.getLogger(__name__)
 
 # Bump when the packed layout or the packing rule changes, so old caches are not reused.
-PACK_FORMAT_VERSION = 3
+PACK_FORMAT_VERSION = 4
 META = "meta.json"
 
 
@@ -53,10 +64,16 @@ class PreparedData:
     bad_examples: dict[str, str]  # reason -> the first such record, "file:line: reason (detail)"
     token_files: dict[str, list[TokenFile]]  # split -> its token files, in stream order
     seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall seconds, in order
+    labelled: bool = False  # an example stream: (id, label) pairs
+    plans: dict[str, dict] = field(default_factory=dict)  # split -> its PackPlan file (document packing)
+    pad_id: int = 0
+    samples: list[dict] = field(default_factory=list)  # held-out {prompt, reference} for sample generations
 
     def reader(self, split: str) -> BlockReader:
         """Random access to the split's blocks by sample id (from local disk or object storage)."""
-        return BlockReader(self.token_files[split], self.seq_len)
+        plan = self.plans.get(split)
+        return BlockReader(self.token_files[split], self.seq_len, self.labelled,
+                           PackPlan.from_bytes(storage.read_bytes(plan["location"])) if plan else None, self.pad_id)
 
     def blocks(self, split: str) -> int:
         return self.stats[split]["blocks"]
@@ -66,8 +83,10 @@ class PreparedData:
                  f"fingerprint {self.fingerprint})"]
         for split in SPLITS:
             s = self.stats[split]
-            lines.append(f"  {split:5s}: {s['documents']:,} documents, {s['tokens']:,} tokens -> "
-                         f"{s['blocks']:,} blocks of {self.seq_len} (dropped tail: {s['dropped_tail_tokens']:,} tokens)")
+            packed = (f"{s['filled']:.0%} filled" if "filled" in s
+                      else f"dropped tail: {s['dropped_tail_tokens']:,} tokens")
+            lines.append(f"  {split:5s}: {s['documents']:,} {'examples' if self.labelled else 'documents'}, "
+                         f"{s['tokens']:,} tokens -> {s['blocks']:,} blocks of {self.seq_len} ({packed})")
         if self.bad_records:
             lines.append("  " + describe(self.bad_records, self.bad_examples))
         lines.append("  in " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in self.seconds.items()))
@@ -102,6 +121,8 @@ def data_fingerprint(cfg: DataConfig, files: list[CorpusFile], tokenizer_fingerp
         "seq_len": cfg.seq_len,
         "split": cfg.split.model_dump(mode="json"),
         "bad_records": [cfg.on_bad_record, cfg.max_document_bytes],
+        **({"examples": [cfg.file_type, cfg.fields.model_dump(), cfg.chat_template, cfg.prompt_template,
+                         cfg.train_on_prompt, cfg.packing_mode, cfg.too_long]} if cfg.has_examples else {}),
     })
 
 
@@ -111,6 +132,8 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
 
     seconds: dict[str, float] = {}
     unreadable = BadRecords(cfg.on_bad_record)
+    with timed(seconds, "building the built-in dataset" if cfg.path.startswith(BUILTIN_PREFIX) else "listing"):
+        cfg = cfg.model_copy(update={"path": builtin_path(cfg.path, cfg.cache_dir)})
     with timed(seconds, "listing"):
         files = list_corpus(cfg, unreadable)  # unreadable entries are counted (or fail) here, before Ray reads
         if not files:
@@ -122,7 +145,8 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
     cache_hit = meta is not None
     if cache_hit:
         with timed(seconds, "verifying"):
-            verify_token_files(root, [f for split in SPLITS for f in meta["files"][split]], cfg.verify_checksums)
+            verify_token_files(root, [f for split in SPLITS for f in meta["files"][split]] + list(meta["plans"].values()),
+                           cfg.verify_checksums)
     else:
         from pipeline.runtime import ensure_ray
 
@@ -134,10 +158,10 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
             with timed(seconds, "starting Ray"):
                 ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
             with timed(seconds, "loading the tokenizer"):
-                backend, eos_token_id, kept = tokenizer.result()
-        meta = _build(cfg, files, model_ref, root, unreadable, seconds, (backend, eos_token_id))
+                loaded, kept = tokenizer.result()
+        meta = _build(cfg, files, model_ref, root, unreadable, seconds, checked_tokenizer(cfg, loaded, model_ref))
         if not kept:  # only after a build that succeeded: a failed one leaves nothing behind
-            keep_backend_tokenizer(kept_at, backend, eos_token_id)
+            keep_backend_tokenizer(kept_at, loaded)
     # Unreadable entries are not part of the cached corpus (the fingerprint covers readable files only),
     # so they are counted afresh on every run; records are counted when the cache was built.
     counts, examples = dict(meta["bad_records"]), dict(meta["bad_examples"])
@@ -147,7 +171,21 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
     token_files = {split: [TokenFile(**f) for f in meta["files"][split]] for split in SPLITS}
     return PreparedData(root=root, fingerprint=fingerprint, seq_len=meta["seq_len"], stats=meta["stats"],
                         cache_hit=cache_hit, bad_records=counts, bad_examples=examples, token_files=token_files,
-                        seconds=seconds)
+                        seconds=seconds, labelled=meta["labelled"], plans=meta["plans"], pad_id=meta["pad_id"],
+                        samples=meta["samples"])
+
+
+def checked_tokenizer(cfg: DataConfig, loaded: SavedTokenizer, model_ref: str) -> SavedTokenizer:
+    """The tokenizer the actors use; a chat format needs a chat template that compiles."""
+    tokenizer = with_chat_template(loaded, cfg.chat_template)
+    if cfg.format == "chat":
+        if not tokenizer.text.chat_template:
+            raise ConfigError(f"data.chat_template: the tokenizer of '{model_ref}' has no chat template; set one")
+        try:
+            compile_chat_template(tokenizer.text.chat_template)
+        except Exception as error:  # noqa: BLE001 - jinja's syntax errors, named as the config's
+            raise ConfigError(f"data.chat_template: the template does not compile: {error}") from None
+    return tokenizer
 
 
 @contextlib.contextmanager
@@ -167,7 +205,7 @@ def _read_meta(root: str) -> dict | None:
 def check_first_file(cfg: DataConfig, first: CorpusFile) -> None:
     """A text column that is missing or not text is named before Ray starts (one footer read); the
     tasks check every other file and return the same message."""
-    if cfg.format in ("parquet", "hf"):
+    if container(cfg, first.name) in ("parquet", "hf"):
         try:
             next(iter(PieceReader(cfg).records(first.location, first.name, first.size, 0, first.size)), None)
         except FileProblem as problem:
@@ -175,12 +213,12 @@ def check_first_file(cfg: DataConfig, first: CorpusFile) -> None:
 
 
 def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, unreadable: BadRecords,
-           seconds: dict[str, float], tokenizer: tuple[str, int]) -> dict:
+           seconds: dict[str, float], tokenizer: SavedTokenizer) -> dict:
     storage.delete(root)  # what a build that died before writing meta.json left behind
     try:
         chunks = [[{"location": p.file.location, "name": p.file.name, "size": p.file.size, "start": p.start,
                     "end": p.end} for p in chunk]
-                  for chunk in plan_chunks(files, cfg.format, chunk_size(files, cfg.chunk_bytes, cfg.tokenize_actors))]
+                  for chunk in plan_chunks(files, cfg, chunk_size(files, cfg.chunk_bytes, cfg.tokenize_actors))]
         with timed(seconds, "reading + tokenizing"):
             results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
                                       tokenizer, root)
@@ -191,12 +229,16 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
             raise NoUsableDocuments(f"data.path: no usable document in the {len(files)} readable files of "
                                     f"'{cfg.path}' ({everything or 'the corpus is empty'})")
         token_files = {split: [r["files"][split] for r in results if split in r["files"]] for split in SPLITS}
-        stats = {}
+        stats, plans = {}, {}
         for split in SPLITS:
             blocks = layout([TokenFile(**f) for f in token_files[split]], cfg.seq_len)
             stats[split] = {"documents": documents[split], "tokens": blocks.tokens, "blocks": blocks.blocks,
                             "dropped_tail_tokens": blocks.dropped_tail_tokens}
+            if cfg.has_examples and cfg.packing_mode != "naive":
+                plans[split], stats[split] = _write_plan(cfg, root, split, results, stats[split])
         meta = {"version": PACK_FORMAT_VERSION, "seq_len": cfg.seq_len, "stats": stats, "files": token_files,
+                "labelled": cfg.has_examples, "plans": plans, "pad_id": tokenizer.text.eos_token_id,
+                "samples": [s for r in results for s in r["samples"]][:SAMPLE_CANDIDATES],
                 "model_ref": model_ref, "bad_records": bad.counts, "bad_examples": bad.examples,
                 "corpus": [f.location for f in files], "data_config": cfg.model_dump(mode="json")}
         storage.write_text(storage.join(root, META), json.dumps(meta, indent=1))  # the commit: last
@@ -204,6 +246,20 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
     except BaseException:
         storage.delete(root)
         raise
+
+
+def _write_plan(cfg: DataConfig, root: str, split: str, results: list[dict], stats: dict) -> tuple[dict, dict]:
+    """Pack a split's examples into blocks by document (`PackPlan`): its file entry and its stats."""
+    import numpy as np
+
+    lengths = np.asarray([n for r in results for n in r["lengths"][split]], dtype=np.int64)
+    plan = PackPlan.next_fit(lengths, cfg.seq_len, one_per_block=cfg.packing_mode == "none")
+    data = plan.to_bytes()
+    location = storage.join(root, split, "plan.npz")
+    storage.write_bytes(location, data)
+    filled = int(lengths.sum()) / max(1, plan.blocks * cfg.seq_len)
+    return ({"location": location, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+            {**stats, "blocks": plan.blocks, "dropped_tail_tokens": 0, "filled": round(filled, 4)})
 
 
 def _bad_records(cfg: DataConfig, results: list[dict], chunks: list[list[dict]]) -> BadRecords:
@@ -222,9 +278,10 @@ def _bad_records(cfg: DataConfig, results: list[dict], chunks: list[list[dict]])
 
     def where(chunk: int, piece_index: int, record_index: int, reason: str) -> str:
         piece = chunks[chunk][piece_index]
-        if reason == "unreadable_file" or cfg.format == "text":
+        kind = container(cfg, piece["name"])
+        if reason == "unreadable_file" or kind == "text":
             return piece["location"] if reason == "unreadable_file" else piece["name"]
-        if cfg.format == "jsonl":
+        if kind == "jsonl":
             return f"{piece['name']}:{lines_before.get((chunk, piece_index), 0) + record_index}"
         return f"{piece['name']}#{record_index}"
 
