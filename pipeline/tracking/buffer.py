@@ -67,6 +67,9 @@ class BufferedTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put("log_text", (text, artifact_file))
 
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        self._put("log_table", ({name: list(values) for name, values in columns.items()}, artifact_file))
+
     def close(self) -> str | None:
         """Drain within flush_timeout_s; returns a warning naming the spill file if some remained."""
         deadline = time.monotonic() + self.flush_timeout_s

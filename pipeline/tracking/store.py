@@ -74,6 +74,7 @@ class RunTracker(Protocol):
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
     def history(self, key: str) -> dict[int, float]: ...
     def tags(self) -> dict[str, str]: ...
     def unsent_metrics(self) -> list[tuple[dict, int, int]]: ...
@@ -108,6 +109,10 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.target.run_id, redact(text), artifact_file)
 
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """Rows appended to the run's table artifact (shown in the UI's artifact and evaluation views)."""
+        self.client.log_table(self.target.run_id, data=columns, artifact_file=artifact_file)
+
     def history(self, key: str) -> dict[int, float]:
         """step -> value of a metric already logged in this run (the last value per step)."""
         return {m.step: m.value for m in self.client.get_metric_history(self.target.run_id, key)}
@@ -135,6 +140,9 @@ class NullTracker:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
         pass
 
     def history(self, key: str) -> dict[int, float]:
@@ -250,9 +258,10 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int) -> str:
-    """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it.
-    It is logged as a local checkpoint: its files are copied, the model is never loaded here."""
+def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int, chat: bool = False) -> str:
+    """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it
+    (`chat`: it answers {"messages": [...]} through its chat template, OpenAI-style). It is logged as
+    a local checkpoint: its files are copied, the model is never loaded here."""
     import mlflow
     import transformers
 
@@ -261,7 +270,8 @@ def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int) -> str
     requirements = [f"transformers=={transformers.__version__}", "torch", "accelerate", "tokenizers"]
     with using_tracking_uri(target.uri), mlflow.start_run(run_id=target.run_id), _pipeline_classes_resolved():
         info = mlflow.transformers.log_model(
-            transformers_model=str(model_dir), name="model", task="text-generation", pip_requirements=requirements,
+            transformers_model=str(model_dir), name="model", task="llm/v1/chat" if chat else "text-generation",
+            pip_requirements=requirements,
             model_config={"max_new_tokens": max_new_tokens})
     return info.model_uri
 

@@ -17,7 +17,7 @@ from pipeline.cache import cached_dir, stable_hash
 from pipeline.config import Config, is_uri
 from pipeline.tracking import RunTarget
 from pipeline.train.checkpoints import WHOLE_MODULE_FILE, CheckpointError, local_checkpoint, local_tag, problem_with
-from pipeline.train.schedule import uses_bf16
+from pipeline.train.schedule import deepspeed_config, training_dtype
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,21 @@ def _export_and_log(cfg: Config, checkpoint: str, model_ref: str, location: str,
     from pipeline import tracking
 
     storage.configure(cfg.storage)  # a Ray worker has the driver's settings only through the config
-    exported = export_model(checkpoint, model_ref, location, torch.bfloat16 if uses_bf16(cfg.train) else torch.float32,
-                            cfg.train.export_shard_mb * 2**20)
+    exported = export_model(checkpoint, model_ref, location, training_dtype(deepspeed_config(cfg.train)),
+                            cfg.train.export_shard_mb * 2**20, cfg.data.chat_template)
     if log_to is None:
         return exported
-    model_uri = tracking.log_hf_model(log_to, exported.local_dir, cfg.tracking.max_new_tokens)
+    model_uri = tracking.log_hf_model(log_to, exported.local_dir, cfg.tracking.max_new_tokens,
+                                      chat=cfg.data.format == "chat")
     return dataclasses.replace(exported, model_uri=model_uri)
 
 
 def export_model(checkpoint: str, model_ref: str, location: str, dtype: torch.dtype = torch.float32,
-                 shard_bytes: int = 2 * 2**30) -> ExportedModel:
+                 shard_bytes: int = 2 * 2**30, chat_template: str | None = None) -> ExportedModel:
     """Verify the final checkpoint, rebuild full weights from it on this machine one shard at a time,
     and store the HF directory at `location` (a URI gets an upload whose config.json comes last, so
     that a reader who finds config.json finds a complete model). An export never overwrites another
-    run's model."""
+    run's model; `chat_template` (the one training rendered with) replaces the tokenizer's own."""
     location = storage.resolve(location)
     if storage.exists(location):
         raise FileExistsError(f"{location} already exists; an export never overwrites another run's model")
@@ -82,7 +83,7 @@ def export_model(checkpoint: str, model_ref: str, location: str, dtype: torch.dt
         problem = problem_with(directory)  # a downloaded copy is checked as it was read: one read in all
         if problem:
             raise CheckpointError(f"the final checkpoint {checkpoint} is corrupt or partial: {problem}")
-        export_hf_model(directory, model_ref, local_dir, dtype, shard_bytes)
+        export_hf_model(directory, model_ref, local_dir, dtype, shard_bytes, chat_template)
     if is_uri(location):
         from pipeline.models.load import upload_model_dir
 
@@ -116,7 +117,7 @@ def trained_weights(checkpoint_dir: Path) -> dict:
 
 
 def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path, dtype: torch.dtype = torch.float32,
-                    shard_bytes: int = 2 * 2**30) -> Path:
+                    shard_bytes: int = 2 * 2**30, chat_template: str | None = None) -> Path:
     """Write the trained weights (as `dtype`, in safetensors shards of at most `shard_bytes`, one
     shard in memory at a time), config and tokenizer as a local HF directory (atomically)."""
     from transformers import AutoConfig
@@ -139,7 +140,10 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path, dtype: 
         writer.close()
         config.dtype = dtype
         config.save_pretrained(tmp)
-        load_tokenizer(model_ref).save_pretrained(tmp)
+        tokenizer = load_tokenizer(model_ref)
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(tmp)
 
     out_dir = Path(out_dir)
     if out_dir.exists():  # cached_dir would return it as is: never hand back another run's model

@@ -59,13 +59,17 @@ class Progress:
 
 
 def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches: TickBatches,
-                evaluation: list[MicroBatch], ticks: TickLog, reporter: Reporter, say) -> None:
-    """Ticks until train.max_ticks: micro-steps under the tick's noise, then log, evaluate, checkpoint."""
+                evaluation: list[MicroBatch], ticks: TickLog, reporter: Reporter, say,
+                samples: Callable[[object, int], None] | None = None) -> None:
+    """Ticks until train.max_ticks: micro-steps under the tick's noise, then log, evaluate, checkpoint.
+    `samples(engine, tick)` runs after every evaluation (sample generations)."""
     t = cfg.train
     engine, clock = me.engine, progress.clock
 
     def evaluate() -> dict[str, float]:
         loss = _evaluate(engine, evaluation, me.device)
+        if samples is not None:
+            samples(engine, clock.tick)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
     if progress.first_eval is None:
@@ -86,12 +90,15 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
         tick_noise = clock.tick
         micro_batches = batches.get(clock.tick)
         data_wait = time.perf_counter() - started
+        # Each micro loss is its token-loss sum over the tick's share per micro step of all target
+        # tokens: DeepSpeed's mean over micro steps and ranks then gives the tick's per-token mean, the
+        # same however the tick's blocks (with unequal response tokens) are spread over ranks.
+        per_micro = torch.tensor(_tick_targets(micro_batches, me) / (len(micro_batches) * me.world))
         losses = []
         for micro, batch in enumerate(micro_batches):
-            input_ids = batch.input_ids.to(me.device)
             # The backward pass stays inside the context: activation recomputation must see the same noise.
             with noise_context(_noise_context(cfg.noise, sigma, tick_noise, batch.sample_ids, me.device)):
-                loss = engine(input_ids=input_ids, labels=input_ids).loss
+                loss = engine(**batch.model_inputs(me.device), num_items_in_batch=per_micro).loss
                 engine.backward(loss)
             if measure_grad_norm and micro == len(micro_batches) - 1:
                 grad_norm = _grad_norm(engine.module)  # averaged over ranks, before clipping
@@ -162,18 +169,31 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def _tick_targets(micro_batches: list[MicroBatch], me: Rank) -> float:
+    """Target tokens in the tick's global batch. Raw-text blocks all have the same number, so only
+    labelled ones (responses of unequal length) need the ranks to add theirs up."""
+    import torch.distributed as dist
+
+    local = sum(batch.targets for batch in micro_batches)
+    if all(batch.labels is None for batch in micro_batches):
+        return float(local * me.world)
+    total = torch.tensor([float(local)], dtype=torch.float64, device=me.device)
+    dist.all_reduce(total)
+    return float(total)
+
+
 def _evaluate(engine, batches: list[MicroBatch], device) -> float:
-    """Mean next-token loss over the run's fixed eval subset, summed across all ranks."""
+    """Mean loss per target token (responses only, for examples) over the run's fixed eval subset,
+    summed across all ranks."""
     import torch.distributed as dist
 
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
+    summed = torch.tensor(1.0)  # the loss comes back as a sum over the batch's target tokens
     with torch.no_grad(), noise_context(None):  # evaluation is always noise-free
         for batch in batches:
-            input_ids = batch.input_ids.to(device)
-            predicted = input_ids.numel() - input_ids.shape[0]  # the first token of each row has no target
-            totals[0] += engine(input_ids=input_ids, labels=input_ids).loss.double() * predicted
-            totals[1] += predicted
+            totals[0] += engine(**batch.model_inputs(device), num_items_in_batch=summed).loss.double()
+            totals[1] += batch.targets
     engine.train()
     dist.all_reduce(totals)
     return float(totals[0] / totals[1])

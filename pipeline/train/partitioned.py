@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.train.schedule import training_dtype
+
 
 def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementation: str | None = None):
     """The HF causal LM at `model_ref`, its parameters partitioned across the ranks as ZeRO-3
@@ -37,7 +39,7 @@ def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementat
     files = WeightFiles(directory)
     config = AutoConfig.from_pretrained(directory)
     chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dtype = training_dtype(ds_config)
     # prevent_arange_dtype_change keeps RoPE's fp32 position buffers out of zero.Init's dtype cast.
     with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), \
             no_init_weights():

@@ -24,6 +24,7 @@ from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import local_checkpoint, needs_conversion, resume_point, saved_world_size, universal_copy
 from pipeline.train.loop import Rank, Reporter, resume, train_ticks
 from pipeline.train.partitioned import load_partitioned_causal_lm
+from pipeline.train.samples import SampleGenerations
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 from pipeline.train.source import TickBatches, eval_batches
 from pipeline.train.tick_log import TickLog
@@ -142,7 +143,8 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
                               cfg.micro_batch_size, end_tick=cfg.max_ticks)
         evaluation = eval_batches(data.reader("eval"), progress.eval_samples, rank, world, cfg.micro_batch_size)
         train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation,
-                    TickLog(tracker, progress.clock.tick, say, progress.unsent or []), reporter, say)
+                    TickLog(tracker, progress.clock.tick, say, progress.unsent or []), reporter, say,
+                    _sample_generations(plan, tracker))
     finally:
         if batches is not None:
             batches.close()
@@ -150,6 +152,15 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
         if warning:
             say(f"[pipeline] {warning}")
     return batches.reader.samples_read
+
+
+def _sample_generations(plan: WorkerPlan, tracker) -> SampleGenerations | None:
+    """Held-out prompts answered at every evaluation, for the example formats."""
+    wanted = plan.config.tracking.sample_prompts
+    if not (plan.config.data.has_examples and wanted and plan.data.samples):
+        return None
+    return SampleGenerations(plan.data.samples[:wanted], plan.model_ref, plan.config.tracking.max_new_tokens, tracker,
+                             partitioned=plan.config.train.zero_stage == 3)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.data.blocks import BlockReader
+from pipeline.data.blocks import IGNORE, BlockReader
 from pipeline.data.order import SampleOrder
 
 READ_THREADS = 4  # concurrent block reads: range requests to object storage overlap
@@ -25,12 +25,32 @@ READ_THREADS = 4  # concurrent block reads: range requests to object storage ove
 class MicroBatch:
     input_ids: torch.Tensor  # int64 [micro, seq_len]
     sample_ids: torch.Tensor  # int64 [micro]: what the noise is keyed on
+    labels: torch.Tensor | None = None  # int64, -100 where not trained; None: the input ids (raw text)
+    position_ids: torch.Tensor | None = None  # int64, restarting at each packed example; None: 0..L-1
+
+    @property
+    def targets(self) -> int:
+        """Tokens the loss is over: every labelled token but a row's first (nothing predicts it)."""
+        if self.labels is None:
+            return self.input_ids.numel() - self.input_ids.shape[0]
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids.to(device)}
+        inputs["labels"] = inputs["input_ids"] if self.labels is None else self.labels.to(device)
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids.to(device)
+        return inputs
 
 
 def micro_batches(reader: BlockReader, sample_ids: np.ndarray, micro: int) -> list[MicroBatch]:
-    blocks = reader.read(sample_ids)
-    return [MicroBatch(torch.from_numpy(blocks[i:i + micro].astype(np.int64)),
-                       torch.from_numpy(sample_ids[i:i + micro].astype(np.int64)))
+    blocks = reader.read_blocks(sample_ids)
+
+    def rows(values: np.ndarray | None, i: int) -> torch.Tensor | None:
+        return None if values is None else torch.from_numpy(values[i:i + micro].astype(np.int64))
+
+    return [MicroBatch(rows(blocks.input_ids, i), torch.from_numpy(sample_ids[i:i + micro].astype(np.int64)),
+                       rows(blocks.labels, i), rows(blocks.position_ids, i))
             for i in range(0, len(sample_ids), micro)]
 
 
