@@ -63,6 +63,14 @@ print(json.dumps({"code": code, "driver_cpu_s": usage.ru_utime + usage.ru_stime,
 
 # The SFT baseline as a user would write it with datasets.map: render each conversation with the
 # chat template, tokenize it, and label only its last assistant turn (the prompt's tokens -100).
+SFT_TOKENIZE = """
+def tokenize(example):
+    prompt = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(example["messages"], tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
+"""
 SFT_DATASETS_SCRIPT = """
 import json, sys, datasets
 from transformers import AutoTokenizer
@@ -70,12 +78,7 @@ corpus, model, out = sys.argv[1:4]
 tokenizer = AutoTokenizer.from_pretrained(model)
 rows = [json.loads(line) for line in open(corpus)]
 dataset = datasets.Dataset.from_dict({"messages": [r["messages"] for r in rows]})
-def tokenize(example):
-    prompt = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(example["messages"], tokenize=False)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
+""" + SFT_TOKENIZE + """
 dataset = dataset.map(tokenize, num_proc=2, remove_columns=["messages"])
 dataset = dataset.filter(lambda e: len(e["input_ids"]) <= 512, num_proc=2)
 dataset.save_to_disk(out)
@@ -110,15 +113,9 @@ def sft_in_process(tmp: Path, corpus: Path, model_ref: str) -> tuple[float, floa
     started = time.perf_counter()
     prepare_data(cfg, model_ref)
     ours = time.perf_counter() - started
-    tokenizer = load_tokenizer(model_ref)
-
-    def tokenize(example):
-        prompt = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(example["messages"], tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-        return {"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids):]}
-
+    namespace = {"tokenizer": load_tokenizer(model_ref)}
+    exec(SFT_TOKENIZE, namespace)  # the baseline script's own function
+    tokenize = namespace["tokenize"]
     rows = [json.loads(line) for line in corpus.open()]
     started = time.perf_counter()
     datasets.Dataset.from_dict({"messages": [r["messages"] for r in rows]}).map(
