@@ -43,7 +43,7 @@ def test_a_server_killed_mid_run_and_restarted_gets_every_tick(ray_session, tmp_
     ticks = 80
     password = f"pw-{uuid.uuid4().hex}"  # credentials in the URI, as for a server behind basic auth
     uri = server.uri.replace("http://", f"http://trainer:{password}@")
-    cfg = tiny_config(tmp_path, f"tracking.uri={uri}", f"train.max_ticks={ticks}", "train.checkpoint_every=10",
+    cfg = tiny_config(tmp_path, f"tracking.uri={uri}", f"train.max_ticks={ticks}", "train.checkpoint_every=40",
                       "train.eval_every=0", "tracking.log_model=false", "tracking.flush_timeout_s=300")
     store = client_for(server.store_uri)  # the server's own database, readable while the server is down
     outage = {}
