@@ -111,3 +111,20 @@ def test_packed_conversations_train_the_same_on_one_worker(two_workers, tmp_path
     assert sorted(one) == [3, TICKS]
     for tick, loss in one.items():
         assert loss == pytest.approx(two[tick], rel=1e-5), tick
+
+
+def test_held_out_answers_are_generated_and_logged_under_zero3(ray_session, tmp_path):
+    """Generation under ZeRO-3 (parameters gathered by every rank's forward, `synced_gpus`), logged
+    by rank 0 into a real run."""
+    from pipeline.data import prepare
+    from pipeline.tracking import RunTarget
+
+    cfg = sft_config(tmp_path, "train.num_workers=1", "train.micro_batch_size=8", "train.zero_stage=3",
+                     "train.max_ticks=1", "tracking.sample_prompts=1")
+    model_ref, data = prepare(cfg)
+    client = client_for(cfg.tracking.uri)
+    run = client.create_run(client.create_experiment("zero3-samples")).info.run_id
+    train_in_process(WorkerPlan(cfg, model_ref, RunTarget(cfg.tracking.uri, run), data, str(tmp_path / "local")))
+    table = json.loads(Path(client.download_artifacts(run, TABLE, str(tmp_path))).read_text())
+    assert [row[0] for row in table["data"]] == [0, 1]  # before training and after its one tick
+    assert all(isinstance(row[3], str) for row in table["data"])
