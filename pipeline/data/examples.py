@@ -19,10 +19,10 @@ from datetime import datetime
 import numpy as np
 
 from pipeline.config import DataConfig
+from pipeline.data.blocks import IGNORE
 from pipeline.data.parse import FileProblem
 
 ROLES = ("system", "user", "assistant")
-IGNORE = -100  # the label of a token that is not trained on (PyTorch's cross-entropy ignore_index)
 
 
 class BadExample(Exception):

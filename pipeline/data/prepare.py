@@ -16,7 +16,6 @@ died is cleared by the next build.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -40,6 +39,7 @@ from pipeline.data.tokenize import (
     tokenize_chunks,
     tokenizer_location,
     with_chat_template,
+    write_cache_file,
 )
 
 log = logging.getLogger(__name__)
@@ -254,12 +254,9 @@ def _write_plan(cfg: DataConfig, root: str, split: str, results: list[dict], sta
 
     lengths = np.asarray([n for r in results for n in r["lengths"][split]], dtype=np.int64)
     plan = PackPlan.next_fit(lengths, cfg.seq_len, one_per_block=cfg.packing_mode == "none")
-    data = plan.to_bytes()
-    location = storage.join(root, split, "plan.npz")
-    storage.write_bytes(location, data)
+    written = write_cache_file(storage.join(root, split, "plan.npz"), plan.to_bytes())
     filled = int(lengths.sum()) / max(1, plan.blocks * cfg.seq_len)
-    return ({"location": location, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-            {**stats, "blocks": plan.blocks, "dropped_tail_tokens": 0, "filled": round(filled, 4)})
+    return written, {**stats, "blocks": plan.blocks, "dropped_tail_tokens": 0, "filled": round(filled, 4)}
 
 
 def _bad_records(cfg: DataConfig, results: list[dict], chunks: list[list[dict]]) -> BadRecords:

@@ -34,6 +34,12 @@ def token_file(build: str, split: str, chunk: int) -> str:
     return storage.join(build, split, f"chunk-{chunk:06d}.bin")
 
 
+def write_cache_file(location: str, data: bytes) -> dict:
+    """Write one file of a cache entry; its entry in meta.json (what `verify_token_files` checks)."""
+    storage.write_bytes(location, data)
+    return {"location": location, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 class TokenizeChunks:
     """map_batches callable over chunk specs (batch size 1): {"spec": json} -> {"result": json}.
 
@@ -138,11 +144,8 @@ class TokenizeChunks:
         tokens = len(values) // (2 if self.encoder else 1)  # an example stream holds (id, label) pairs
         result["tokens"][split] = tokens
         if tokens:
-            data = values.astype("<i4").tobytes()
-            location = token_file(self.build, split, result["chunk"])
-            storage.write_bytes(location, data)
-            result["files"][split] = {"location": location, "tokens": tokens, "bytes": len(data),
-                                      "sha256": hashlib.sha256(data).hexdigest()}
+            written = write_cache_file(token_file(self.build, split, result["chunk"]), values.astype("<i4").tobytes())
+            result["files"][split] = {**written, "tokens": tokens}
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         # encode_batch_fast skips computing offsets, which we do not use: ~25% faster.
