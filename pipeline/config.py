@@ -269,11 +269,33 @@ class TrainConfig(_Section):
 
 
 class NoiseConfig(_Section):
-    """Noise σ_t·ε added inside every fused norm: σ_t = sigma·(1+tick)^(−decay). 0 turns it off."""
+    """Training noise at one or two sites: σ_t·ε inside every fused norm, σ_t = sigma·(1+tick)^(−decay),
+    and NEFTune's uniform noise on the input embedding. Both are drawn from Philox keyed by (seed, tick,
+    layer) and positions, so they are the same on any number of workers and after a resume."""
 
-    sigma: float = Field(0.0, ge=0)
-    decay: float = Field(0.0, ge=0)
+    # Where noise goes. norm: the fused norms only (sigma); embedding: the input embedding only
+    # (neftune_alpha), and then sigma must be 0; both: each site with its own setting.
+    site: Literal["norm", "embedding", "both"] = "norm"
+    sigma: float = Field(0.0, ge=0)  # the norms' σ (site norm or both); 0 = off
+    decay: float = Field(0.0, ge=0)  # of σ only: neftune_alpha stays constant
     seed: int = Field(0, ge=0)
+    # NEFTune's α (site embedding or both; ignored for site norm): uniform noise in [−α, α)/√(L·d) on the
+    # input embedding's output while training, d the hidden size and L the token's own example length
+    # (each packed example its own; padding gets none and counts in no L; raw text, packed naively:
+    # the block length). 5 is the paper's usual value; 0 = off.
+    neftune_alpha: float = Field(5.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check_site(self) -> NoiseConfig:
+        if self.site == "embedding" and self.sigma > 0:
+            raise ValueError(f"sigma: {self.sigma:g} would be ignored: site 'embedding' puts noise on the input "
+                             f"embedding only (neftune_alpha); set site 'both' to keep the norms' noise, or sigma 0")
+        return self
+
+    @property
+    def embedding_alpha(self) -> float:
+        """NEFTune's α where site puts noise on the embedding, else 0 (sigma is 0 where it puts none on norms)."""
+        return self.neftune_alpha if self.site in ("embedding", "both") else 0.0
 
 
 class KernelConfig(_Section):

@@ -5,6 +5,7 @@
 
 Both backends compute the same function from the same Philox stream (`pipeline.noise`), regenerate
 ε in the backward pass instead of storing it, and are differentiable in x, weight and bias.
+`signed_uniform` draws the embedding (NEFTune) noise's uniforms, with the native C kernel on CPU.
 Knows nothing about Ray, DeepSpeed or MLflow.
 """
 
@@ -16,10 +17,11 @@ import torch
 
 from pipeline.kernels.spec import NormSpec
 from pipeline.noise import Noise
+from pipeline.noise import signed_uniform as reference_signed_uniform
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "layer_norm", "resolve_backend", "rms_norm"]
+__all__ = ["BACKENDS", "layer_norm", "resolve_backend", "rms_norm", "signed_uniform"]
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -67,3 +69,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, noise:
              backend: str = "auto", weight_offset: float = 0.0, max_block_n: int | None = None) -> torch.Tensor:
     """RMSNorm over the last dimension; `weight_offset=1.0` gives Gemma's (1 + w) scaling."""
     return _apply(x, weight, None, _spec(eps, True, weight_offset, noise, x), backend, max_block_n)
+
+
+def signed_uniform(key: int, row_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """2·tl.rand(key, row_id·n + channel) − 1, float32 in [−1, 1) of shape row_ids.shape + (n,), bit for
+    bit `pipeline.noise.neftune.signed_uniform`: the native kernel on CPU, torch Philox elsewhere (on a
+    GPU its int64 element-wise ops are cheap next to a forward pass)."""
+    from pipeline.kernels import native
+
+    if row_ids.device.type == "cpu" and native.library() is not None:
+        return native.uniform_rows(key, row_ids, n) * 2.0 - 1.0
+    return reference_signed_uniform(key, row_ids, n)

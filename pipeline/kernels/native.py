@@ -81,6 +81,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"native CPU norm kernel unavailable, using plain torch ops (slower): {detail.strip()[:300]}")
         return None
     lib.philox_normal_rows.argtypes = [_u64, _ptr, _i64, _i64, _ptr, _int]
+    lib.philox_uniform_rows.argtypes = [_u64, _ptr, _i64, _i64, _ptr, _int]
     lib.norm_forward.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _int, _f32, _u64,
                                  _ptr, _int]
     lib.norm_backward.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
@@ -104,6 +105,15 @@ def normal_rows(key: int, row_ids: torch.Tensor, n: int) -> torch.Tensor:
     ids = row_ids.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty((ids.numel(), n), dtype=torch.float32)
     library().philox_normal_rows(key, ids.data_ptr(), ids.numel(), n, out.data_ptr(), torch.get_num_threads())
+    return out.view(*row_ids.shape, n)
+
+
+def uniform_rows(key: int, row_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """tl.rand(key, row_id·n + channel) in [0, 1) for CPU `row_ids`, bit for bit; eager torch Philox
+    takes ~400x longer (8 x 512 x 576 on 2 cores: 12 s against 0.03 s)."""
+    ids = row_ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty((ids.numel(), n), dtype=torch.float32)
+    library().philox_uniform_rows(key, ids.data_ptr(), ids.numel(), n, out.data_ptr(), torch.get_num_threads())
     return out.view(*row_ids.shape, n)
 
 

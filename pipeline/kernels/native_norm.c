@@ -15,8 +15,9 @@
 /* Without noise the caller passes a one-element placeholder for row_ids: never index past it. */
 #define ROW_ID(r) (sigma != 0.0f ? row_ids[r] : 0)
 
-static void philox_normals(uint64_t key, uint64_t first_offset, int64_t count, float *out) {
-    uint32_t c0[CHUNK], c1[CHUNK], c2[CHUNK], c3[CHUNK];
+/* The first two output words of Philox 4x32-10 for counters first_offset .. + count (count <= CHUNK). */
+static void philox_words(uint64_t key, uint64_t first_offset, int64_t count, uint32_t *c0, uint32_t *c1) {
+    uint32_t c2[CHUNK], c3[CHUNK];
     for (int64_t i = 0; i < count; i++) {
         uint64_t offset = first_offset + (uint64_t)i;
         c0[i] = (uint32_t)offset;
@@ -39,6 +40,11 @@ static void philox_normals(uint64_t key, uint64_t first_offset, int64_t count, f
         k0 += 0x9E3779B9u;
         k1 += 0xBB67AE85u;
     }
+}
+
+static void philox_normals(uint64_t key, uint64_t first_offset, int64_t count, float *out) {
+    uint32_t c0[CHUNK], c1[CHUNK];
+    philox_words(key, first_offset, count, c0, c1);
     for (int64_t i = 0; i < count; i++) {
         int32_t a = (int32_t)c0[i], b = (int32_t)c1[i];
         a = a < 0 ? ~a : a;
@@ -68,6 +74,22 @@ void philox_normal_rows(uint64_t key, const int64_t *row_ids, int64_t rows, int6
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < n; c += CHUNK)
             philox_normals(key, (uint64_t)(row_ids[r] * n + c), n - c < CHUNK ? n - c : CHUNK, out + r * n + c);
+}
+
+/* tl.rand(key, row_id·n + channel) in [0, 1): the uniforms of the embedding (NEFTune) noise. The caller
+ * maps them to [−1, 1) in torch: here -ffast-math could fuse 2u − 1 into one FMA and round differently. */
+void philox_uniform_rows(uint64_t key, const int64_t *row_ids, int64_t rows, int64_t n, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < n; c += CHUNK) {
+            uint32_t w0[CHUNK], w1[CHUNK];
+            int64_t count = n - c < CHUNK ? n - c : CHUNK;
+            philox_words(key, (uint64_t)(row_ids[r] * n + c), count, w0, w1);
+            for (int64_t i = 0; i < count; i++) {
+                int32_t a = (int32_t)w0[i];
+                out[r * n + c + i] = (float)(a < 0 ? ~a : a) * 4.6566127342e-10f;
+            }
+        }
 }
 
 void norm_forward(const float *x, int64_t stride_x, const float *w, const float *b, float *y,

@@ -2,7 +2,8 @@
 
 ε for one element is `tl.randn(stream_key(seed, tick, layer), row_id * n + channel)`, with
 row_id = sample_id * seq_len + position. It depends on nothing else, so it is the same on every
-rank, for any world size or sharding, and after a resume. Torch only: no Ray, DeepSpeed or MLflow.
+rank, for any world size or sharding, and after a resume. The input embedding's NEFTune noise
+(`neftune`) is keyed the same way, on a layer index of its own. Torch only: no Ray, DeepSpeed or MLflow.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.noise.context import NoiseContext, active_noise_context, noise_context
+from pipeline.noise.context import NoiseContext, active_neftune_context, active_noise_context, noise_context
+from pipeline.noise.neftune import EMBEDDING_LAYER, embedding_key, neftune_scale, signed_uniform
 from pipeline.noise.philox import philox_normal, stream_key
 
-__all__ = ["Noise", "NoiseContext", "active_noise_context", "noise_context", "normal", "offsets", "sigma_at",
+__all__ = ["EMBEDDING_LAYER", "Noise", "NoiseContext", "active_neftune_context", "active_noise_context",
+           "embedding_key", "neftune_scale", "noise_context", "normal", "offsets", "sigma_at", "signed_uniform",
            "stream_key"]
 
 

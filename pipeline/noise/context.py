@@ -1,4 +1,5 @@
-"""The noise context: set by the trainer for each micro-step, read by every fused norm.
+"""The noise context: set by the trainer for each micro-step, read by every fused norm and by the
+input embedding's NEFTune hook.
 
 Hugging Face forward signatures stay unchanged because the norms read (tick, seed, sample ids)
 from here instead of from their arguments. A context is per process and per thread.
@@ -17,13 +18,18 @@ _current: list = [None]  # one slot, process-wide
 
 @dataclass(frozen=True)
 class NoiseContext:
-    """Noise settings for one micro-step. `sigma` is already the scheduled σ_t for `tick`."""
+    """Noise settings for one micro-step. `sigma` is already the scheduled σ_t for `tick`; the norms
+    use it, the input embedding uses `neftune_alpha` and `example_lengths`. Either may be off alone."""
 
     sigma: float
     seed: int
     tick: int
     sample_ids: torch.Tensor  # int64 (batch,): the global block id of each sequence
     enabled: bool = True
+    neftune_alpha: float = 0.0  # 0: no embedding noise
+    # int64 (batch, seq_len): the length L of the example each token belongs to, 0 for a token that
+    # gets no embedding noise (padding). Required when neftune_alpha > 0.
+    example_lengths: torch.Tensor | None = None
 
     def row_ids(self, leading_shape: torch.Size) -> torch.Tensor:
         """row ids for activations whose leading shape is (batch, seq_len, *rest).
@@ -51,6 +57,14 @@ def active_noise_context() -> NoiseContext | None:
     """The context in force, or None when noise is off (no context, disabled or σ = 0)."""
     context = _current[0]
     if context is None or not context.enabled or context.sigma == 0.0:
+        return None
+    return context
+
+
+def active_neftune_context() -> NoiseContext | None:
+    """The context in force when it asks for embedding noise (enabled, α > 0), else None."""
+    context = _current[0]
+    if context is None or not context.enabled or context.neftune_alpha == 0.0:
         return None
     return context
 

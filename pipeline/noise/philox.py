@@ -1,9 +1,11 @@
-"""Triton's Philox 4x32-10 normal stream, in torch: the reference definition of ε.
+"""Triton's Philox 4x32-10 streams, in torch: the reference definitions of ε (normal) and of the
+embedding noise's uniforms.
 
 `tl.randn(key, offset)` runs Philox on the counter (offset_lo, offset_hi, 0, 0) with the 64-bit key
 split into (lo, hi), turns the first two words into uniforms and those into one Box-Muller normal.
 This file copies `triton/language/random.py` step by step so that the integers and uniforms are
-bit-identical to Triton's and the normals differ only by float32 log/cos rounding.
+bit-identical to Triton's and the normals differ only by float32 log/cos rounding. `tl.rand(key,
+offset)` is the first word's uniform alone, so `philox_uniform` is bit-identical to it.
 
 Words are held in int64 lanes in [0, 2**32). Products of two words can reach 2**64, which would
 overflow int64, so `_mul_hi_lo` splits one factor into 16-bit halves: every partial product stays
@@ -70,6 +72,12 @@ def philox_normal(key: int, offsets: torch.Tensor) -> torch.Tensor:
     """float32 standard normals equal to `tl.randn(key, offsets)` (to float32 log/cos rounding)."""
     w0, w1 = philox_words(key, offsets.to(torch.int64))
     return uniforms_to_normal(words_to_uniform(w0), words_to_uniform(w1))
+
+
+def philox_uniform(key: int, offsets: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1) equal, bit for bit, to `tl.rand(key, offsets)`."""
+    w0, _ = philox_words(key, offsets.to(torch.int64))
+    return words_to_uniform(w0)
 
 
 def _splitmix64(value: int) -> int:

@@ -97,7 +97,7 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
         losses = []
         for micro, batch in enumerate(micro_batches):
             # The backward pass stays inside the context: activation recomputation must see the same noise.
-            with noise_context(_noise_context(cfg.noise, sigma, tick_noise, batch.sample_ids, me.device)):
+            with noise_context(_noise_context(cfg.noise, sigma, tick_noise, batch, me.device)):
                 loss = engine(**batch.model_inputs(me.device), num_items_in_batch=per_micro).loss
                 engine.backward(loss)
             if measure_grad_norm and micro == len(micro_batches) - 1:
@@ -157,11 +157,16 @@ def resume(me: Rank, directory: Path | None, tag: str | None, own_run: bool) -> 
                     client_state.get("global_batch"), client_state.get("eval_samples"))
 
 
-def _noise_context(noise: NoiseConfig, sigma: float, tick: int, sample_ids: torch.Tensor,
+def _noise_context(noise: NoiseConfig, sigma: float, tick: int, batch: MicroBatch,
                    device: torch.device) -> NoiseContext | None:
-    if sigma == 0.0:
+    """The micro step's noise for both sites: σ_t for the norms, α and the example lengths for the input
+    embedding (each site is off where its value is 0; no context at all when both are)."""
+    alpha = noise.embedding_alpha
+    if sigma == 0.0 and alpha == 0.0:
         return None
-    return NoiseContext(sigma=sigma, seed=noise.seed, tick=tick, sample_ids=sample_ids.to(device))
+    lengths = batch.example_lengths().to(device) if alpha else None
+    return NoiseContext(sigma=sigma, seed=noise.seed, tick=tick, sample_ids=batch.sample_ids.to(device),
+                        neftune_alpha=alpha, example_lengths=lengths)
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

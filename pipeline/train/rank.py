@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, is_uri
+from pipeline.config import Config, NoiseConfig, is_uri
 from pipeline.data import PreparedData
 from pipeline.data.order import SampleOrder
 from pipeline.tracking import NullTracker, RunTarget
@@ -49,9 +49,10 @@ def sample_order(cfg: Config, data: PreparedData) -> SampleOrder:
 
 
 def build_model(config: Config, model_ref: str):
-    """The HF model as every rank trains it: fused norms, the configured attention, activation
-    checkpointing, and at ZeRO-3 already partitioned (no rank holds it whole); (model, the norm report)."""
-    from pipeline.models import load_causal_lm, patch_norms_with_report
+    """The HF model as every rank trains it: fused norms, the NEFTune hook on the input embedding, the
+    configured attention, activation checkpointing, and at ZeRO-3 already partitioned (no rank holds
+    it whole); (model, the norm report)."""
+    from pipeline.models import attach_embedding_noise, load_causal_lm, patch_norms_with_report
 
     torch.manual_seed(config.train.seed)
     attention = config.model.attn_implementation
@@ -61,6 +62,7 @@ def build_model(config: Config, model_ref: str):
         model = load_causal_lm(model_ref, attn_implementation=attention)
     model.config.use_cache = False
     norms = patch_norms_with_report(model, backend=config.kernel.backend)  # before deepspeed.initialize hooks modules
+    attach_embedding_noise(model)  # adds noise only where noise.site puts it on the embedding (alpha > 0)
     if config.train.gradient_checkpointing:
         # Non-reentrant: recomputation runs inside the tick's noise context, so it draws the same ε.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -137,6 +139,7 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
     batches = None
     try:
         say(f"[pipeline] fused norms: {norms.summary()}")
+        say(f"[pipeline] noise: {_noise_summary(plan.config.noise)}")
         tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
                             "norms.blocks": norms.blocks})
         batches = TickBatches(data.reader("train"), sample_order(plan.config, data), rank, world,
@@ -152,6 +155,12 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
         if warning:
             say(f"[pipeline] {warning}")
     return batches.reader.samples_read
+
+
+def _noise_summary(noise: NoiseConfig) -> str:
+    norms = f"sigma {noise.sigma:g}, decay {noise.decay:g}" if noise.sigma else "off"
+    embedding = f"NEFTune alpha {noise.embedding_alpha:g}" if noise.embedding_alpha else "off"
+    return f"norms {norms}; input embedding {embedding}; seed {noise.seed}"
 
 
 def _sample_generations(plan: WorkerPlan, tracker) -> SampleGenerations | None:

@@ -35,6 +35,23 @@ class MicroBatch:
             return self.input_ids.numel() - self.input_ids.shape[0]
         return int((self.labels[:, 1:] != IGNORE).sum())
 
+    def example_lengths(self) -> torch.Tensor:
+        """Each token's example length L, int64 [micro, seq_len], 0 on padding: what NEFTune scales by.
+
+        Blocks packed by document (or one example per block) restart their position ids at every
+        example and once more at the padding, which is the last segment and has no labelled token
+        (every example has one: an example without a response is a bad record). Raw text and naive
+        packing keep no example bounds, so there every token's L is the block length."""
+        rows, seq_len = self.input_ids.shape
+        if self.position_ids is None:
+            return torch.full((rows, seq_len), seq_len, dtype=torch.int64)
+        segment = torch.cumsum(self.position_ids == 0, dim=1) - 1  # each token's segment in its row
+        per_segment = torch.zeros_like(segment).scatter_add_(1, segment, torch.ones_like(segment))
+        labelled = torch.zeros_like(segment).scatter_add_(1, segment, (self.labels != IGNORE).to(torch.int64))
+        last = segment[:, -1:]
+        padding = (segment == last) & (labelled.gather(1, last) == 0)
+        return torch.where(padding, 0, per_segment.gather(1, segment))
+
     def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.input_ids.to(device)}
         inputs["labels"] = inputs["input_ids"] if self.labels is None else self.labels.to(device)
