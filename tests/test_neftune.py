@@ -197,7 +197,7 @@ def model_ref(tmp_path_factory) -> str:
     return materialize_model(tiny_config(tmp_path_factory.mktemp("model")).model)
 
 
-def train(tmp, model_ref, name, examples, *overrides):
+def train(tmp, model_ref, name, examples, *overrides, checkpoints: list | None = None):
     from pipeline.train.local import train_in_process
     from pipeline.train.rank import WorkerPlan
 
@@ -206,8 +206,10 @@ def train(tmp, model_ref, name, examples, *overrides):
                       "train.eval_every=1", "train.eval_batches=1", f"data.seq_len={TRAIN_SEQ}", *overrides)
     (tmp / f"data-{name}").mkdir()
     data = synthetic_data(tmp / f"data-{name}", examples)
-    reports = train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / name))).reports
-    return [(r["tick"], r["loss"], r["eval_loss"], r["eval_loss_start"]) for r in reports]
+    reporter = train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / name)))
+    if checkpoints is not None:
+        checkpoints.extend(reporter.checkpoints)
+    return [(r["tick"], r["loss"], r["eval_loss"], r["eval_loss_start"]) for r in reporter.reports]
 
 
 @pytest.mark.parametrize("examples", [False, True], ids=["text", "packed-examples"])
@@ -227,12 +229,31 @@ def test_neftune_reaches_training_but_not_evaluation_and_repeats_exactly(tmp_pat
     assert again == noisy  # the same draw every time
 
 
+def test_both_sites_at_zero3_resume_into_the_same_losses(tmp_path, model_ref):
+    both = ("noise.site=both", "noise.sigma=0.1", "noise.neftune_alpha=10", "train.zero_stage=3", "train.max_ticks=4",
+            "train.checkpoint_every=2")
+    saved = []
+    whole = train(tmp_path, model_ref, "whole", True, *both, checkpoints=saved)
+    assert saved[0].endswith("checkpoint_000002")
+    resumed = train(tmp_path, model_ref, "resumed", True, *both, f"train.resume_from={saved[0]}")
+    assert [tick for tick, *_ in resumed] == [3, 4]
+    for got, wanted in zip(resumed, whole[2:]):  # ticks 3 and 4 draw the same noise after the resume
+        assert got == pytest.approx(wanted, rel=1e-6)
+    norms_only = train(tmp_path, model_ref, "norms-only", True, *both, "noise.neftune_alpha=0")
+    assert norms_only[0][1] != whole[0][1]  # both sites: the embedding's noise on top of the norms'
+
+
 def test_noise_config_names_the_field(tmp_path):
     cfg = tiny_config(tmp_path)
     assert (cfg.noise.site, cfg.noise.neftune_alpha, cfg.noise.embedding_alpha) == ("norm", 5.0, 0.0)
     both = tiny_config(tmp_path, "noise.site=both", "noise.sigma=0.1", "noise.neftune_alpha=10")
     assert (both.noise.sigma, both.noise.embedding_alpha) == (0.1, 10.0)
     assert tiny_config(tmp_path, "noise.site=embedding", "noise.neftune_alpha=0").noise.embedding_alpha == 0.0
+    from pipeline.tune.space import check_space
+
+    # A sweep over α with 0 (NEFTune off) for a baseline: every corner value validates.
+    check_space(tiny_config(tmp_path, "noise.site=embedding", 'sweep.space={"noise.neftune_alpha": {"type": '
+                            '"loguniform", "low": 1, "high": 15, "with_zero": true}}'))
     bad = {
         ("noise.neftune_alpha=-1",): r"noise\.neftune_alpha: Input should be greater than or equal to 0",
         ("noise.neftune_alpha=.inf",): r"noise\.neftune_alpha: Input should be a finite number",
