@@ -29,6 +29,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraConfig(_Section):
+    """LoRA adapters (peft) on the model's Linear layers; the base weights stay frozen. Set any field
+    (`model.lora.r=16`) to switch LoRA on."""
+
+    r: int = Field(8, ge=1)  # the adapters' rank
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / r
+    # Dropout on the adapters' input. It draws from torch's RNG, per rank: a run with dropout > 0 is
+    # not the same run on 1 and N workers (the rest of the run is).
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Linear layers by name, matched as peft matches them (the module's name or its last parts, e.g.
+    # q_proj); all-linear: every Linear layer but the output head.
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # Modules trained in full beside the adapters (e.g. lm_head) and saved with them.
+    modules_to_save: list[str] = []
+    # Also train the fused norms' weights (saved with the adapter); frozen by default.
+    train_norms: bool = False
+
+
 class ModelConfig(_Section):
     """Where the model and its tokenizer come from."""
 
@@ -46,6 +64,7 @@ class ModelConfig(_Section):
     # The attention kernel transformers uses; None keeps the model's default (sdpa where it has one).
     # flash_attention_2 needs a GPU and the flash-attn package.
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    lora: LoraConfig | None = None  # None: full fine-tuning
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> ModelConfig:

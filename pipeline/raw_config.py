@@ -54,6 +54,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for index, part in enumerate(parents):
             child = node.setdefault(part, {})
+            if child is None:  # an optional section left out (model.lora): setting a field switches it on
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ConfigError(f"{'.'.join(parents[: index + 1])}: is a value, cannot set '{key}'")
             node = child

@@ -9,6 +9,7 @@ from pipeline.tracking.store import (
     TrackingUnreachable,
     check_reachable,
     load_pyfunc,
+    log_adapter,
     log_hf_model,
     run_status,
     set_status,
@@ -17,4 +18,4 @@ from pipeline.tracking.store import (
 )
 
 __all__ = ["NullTracker", "RunTarget", "RunTracker", "Tracker", "TrackingUnreachable", "check_reachable", "format_runs",
-           "load_pyfunc", "log_hf_model", "recent_runs", "run_status", "set_status", "start_run", "tracking_uri"]
+           "load_pyfunc", "log_adapter", "log_hf_model", "recent_runs", "run_status", "set_status", "start_run", "tracking_uri"]

@@ -276,6 +276,15 @@ def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int, chat: 
     return info.model_uri
 
 
+def log_adapter(target: RunTarget, adapter_dir: Path, base_model: str) -> str:
+    """Log a peft adapter directory as the run's `adapter/` artifacts, tagged with the base model it
+    adapts (`PeftModel.from_pretrained(<base>, <downloaded adapter>)` loads it); its artifact URI."""
+    client = client_for(target.uri)
+    client.log_artifacts(target.run_id, str(adapter_dir), "adapter")
+    client.set_tag(target.run_id, "lora.base_model", base_model)
+    return f"runs:/{target.run_id}/adapter"
+
+
 @contextlib.contextmanager
 def _pipeline_classes_resolved():
     """MLflow 3.17 logs a local checkpoint with `check_task(task)[1]["impl"].__name__`, and

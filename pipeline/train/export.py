@@ -14,7 +14,7 @@ import torch
 
 from pipeline import storage
 from pipeline.cache import cached_dir, stable_hash
-from pipeline.config import Config, is_uri
+from pipeline.config import Config, LoraConfig, is_uri
 from pipeline.tracking import RunTarget
 from pipeline.train.checkpoints import WHOLE_MODULE_FILE, CheckpointError, local_checkpoint, local_tag, problem_with
 from pipeline.train.schedule import deepspeed_config, training_dtype
@@ -27,6 +27,9 @@ class ExportedModel:
     local_dir: Path  # the HF directory on the node that exported it (in a Ray task: maybe not this one)
     location: str  # where it is stored: local_dir itself, or the object-storage URI it was uploaded to
     model_uri: str | None = None  # MLflow's, when the export logged it
+    adapter_location: str | None = None  # under LoRA: the peft adapter directory, beside the merged model
+    adapter_dir: Path | None = None  # its local copy, on the node that exported it
+    adapter_uri: str | None = None  # MLflow's, when the export logged it
 
 
 # The export task's own footprint (Python, torch, transformers, DeepSpeed) beside the shard it holds.
@@ -60,36 +63,63 @@ def _export_and_log(cfg: Config, checkpoint: str, model_ref: str, location: str,
 
     storage.configure(cfg.storage)  # a Ray worker has the driver's settings only through the config
     exported = export_model(checkpoint, model_ref, location, training_dtype(deepspeed_config(cfg.train)),
-                            cfg.train.export_shard_mb * 2**20, cfg.data.chat_template)
+                            cfg.train.export_shard_mb * 2**20, cfg.data.chat_template, cfg.model.lora)
     if log_to is None:
         return exported
     model_uri = tracking.log_hf_model(log_to, exported.local_dir, cfg.tracking.max_new_tokens,
                                       chat=cfg.data.format == "chat")
-    return dataclasses.replace(exported, model_uri=model_uri)
+    adapter_uri = None
+    if exported.adapter_dir is not None:
+        adapter_uri = tracking.log_adapter(log_to, exported.adapter_dir, model_ref)
+    return dataclasses.replace(exported, model_uri=model_uri, adapter_uri=adapter_uri)
+
+
+def adapter_location(location: str) -> str:
+    """Where a LoRA run's adapter directory goes: beside its merged model (`.../model-adapter`)."""
+    return location.rstrip("/") + "-adapter"
 
 
 def export_model(checkpoint: str, model_ref: str, location: str, dtype: torch.dtype = torch.float32,
-                 shard_bytes: int = 2 * 2**30, chat_template: str | None = None) -> ExportedModel:
+                 shard_bytes: int = 2 * 2**30, chat_template: str | None = None,
+                 lora: LoraConfig | None = None) -> ExportedModel:
     """Verify the final checkpoint, rebuild full weights from it on this machine one shard at a time,
     and store the HF directory at `location` (a URI gets an upload whose config.json comes last, so
     that a reader who finds config.json finds a complete model). An export never overwrites another
-    run's model; `chat_template` (the one training rendered with) replaces the tokenizer's own."""
+    run's model; `chat_template` (the one training rendered with) replaces the tokenizer's own.
+    Under `lora` the model is the base with the adapter merged in, and the adapter directory itself
+    is stored beside it (`adapter_location`)."""
     location = storage.resolve(location)
-    if storage.exists(location):
-        raise FileExistsError(f"{location} already exists; an export never overwrites another run's model")
+    adapter_at = adapter_location(location) if lora is not None else None
+    for taken in filter(None, (location, adapter_at)):
+        if storage.exists(taken):
+            raise FileExistsError(f"{taken} already exists; an export never overwrites another run's model")
     started = time.perf_counter()
     local_dir = _staging_dir(location) if is_uri(location) else Path(location)
     with local_checkpoint(checkpoint) as directory:
         problem = problem_with(directory)  # a downloaded copy is checked as it was read: one read in all
         if problem:
             raise CheckpointError(f"the final checkpoint {checkpoint} is corrupt or partial: {problem}")
-        export_hf_model(directory, model_ref, local_dir, dtype, shard_bytes, chat_template)
+        export_hf_model(directory, model_ref, local_dir, dtype, shard_bytes, chat_template, lora)
+        adapter_dir = _export_adapter(directory, model_ref, adapter_at, dtype, lora) if lora else None
     if is_uri(location):
         from pipeline.models.load import upload_model_dir
 
         upload_model_dir(local_dir, location)
     log.info("exported consolidated model to %s in %.1fs", location, time.perf_counter() - started)
-    return ExportedModel(local_dir=local_dir, location=location)
+    return ExportedModel(local_dir=local_dir, location=location, adapter_location=adapter_at, adapter_dir=adapter_dir)
+
+
+def _export_adapter(checkpoint_dir: Path, model_ref: str, location: str, dtype: torch.dtype, lora: LoraConfig) -> Path:
+    """The trained adapter (and the modules trained whole) as a peft adapter directory at `location`
+    (a URI gets an upload whose adapter_config.json comes last); its local copy."""
+    from pipeline.models.lora import CONFIG_FILE, write_adapter
+
+    local_dir = _staging_dir(location) if is_uri(location) else Path(location)
+    weights = trained_weights(checkpoint_dir)
+    cached_dir(local_dir.parent, local_dir.name, lambda tmp: write_adapter(weights, lora, model_ref, tmp, dtype))
+    if is_uri(location):
+        storage.upload_dir(local_dir, location, last=[CONFIG_FILE])
+    return local_dir
 
 
 def _staging_dir(location: str) -> Path:
@@ -117,9 +147,12 @@ def trained_weights(checkpoint_dir: Path) -> dict:
 
 
 def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path, dtype: torch.dtype = torch.float32,
-                    shard_bytes: int = 2 * 2**30, chat_template: str | None = None) -> Path:
+                    shard_bytes: int = 2 * 2**30, chat_template: str | None = None,
+                    lora: LoraConfig | None = None) -> Path:
     """Write the trained weights (as `dtype`, in safetensors shards of at most `shard_bytes`, one
-    shard in memory at a time), config and tokenizer as a local HF directory (atomically)."""
+    shard in memory at a time), config and tokenizer as a local HF directory (atomically). Under
+    `lora` the checkpoint holds only what trained: each weight is the base model's, read from its
+    files, with its adapter merged in."""
     from transformers import AutoConfig
 
     from pipeline.models import load_tokenizer, local_model
@@ -128,14 +161,11 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path, dtype: 
     weights = trained_weights(checkpoint_dir)
     config = AutoConfig.from_pretrained(local_model(model_ref, weights=False))
     names, tied = _stored_layout(config)
-    missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names) - tied)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tensors = _lora_merged(names, weights, model_ref, lora) if lora else _whole(names, tied, weights)
 
     def build(tmp: Path) -> None:
         writer = ShardWriter(tmp, shard_bytes)
-        for name in names:
-            tensor = weights[name].contiguous()
+        for name, tensor in tensors:
             writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         writer.close()
         config.dtype = dtype
@@ -149,6 +179,28 @@ def export_hf_model(checkpoint_dir: Path, model_ref: str, out_dir: Path, dtype: 
     if out_dir.exists():  # cached_dir would return it as is: never hand back another run's model
         raise FileExistsError(f"{out_dir} already exists; an export never overwrites another run's model")
     return cached_dir(out_dir.parent, out_dir.name, build)
+
+
+def _whole(names: list[str], tied: set[str], weights: dict):
+    missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names) - tied)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return ((name, weights[name].contiguous()) for name in names)
+
+
+def _lora_merged(names: list[str], weights: dict, model_ref: str, lora: LoraConfig):
+    from pipeline.models import local_model
+    from pipeline.models.lora import PREFIX, is_adapter, merged_tensors
+    from pipeline.models.weights import WeightFiles
+
+    base = WeightFiles(local_model(model_ref))
+    adapted = {name.removeprefix(PREFIX).partition(".lora_")[0] + ".weight" for name in weights if is_adapter(name)}
+    unknown = sorted((adapted | {n.removeprefix(PREFIX) for n in weights if not is_adapter(n)}) - set(names))
+    missing = sorted(set(names) - set(base.tensors))
+    if unknown or missing:
+        raise RuntimeError(f"the LoRA checkpoint does not match the base model: trained {unknown[:5]} unknown to it, "
+                           f"{missing[:5]} not in its files")
+    return merged_tensors(names, lambda name: base.read(name).view(base.tensors[name].shape), weights, lora)
 
 
 def _stored_layout(config) -> tuple[list[str], set[str]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedData, prepare_data, prepare_model
+from pipeline.models.lora import check_lora
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, verify_sizes_only, weights_only
@@ -50,6 +51,8 @@ class TrainOutcome:
     model_location: str  # where it is stored: model_dir itself, or its URI under train.output_dir
     model_uri: str | None  # MLflow's
     checkpoint: str  # the final checkpoint's location (local path or URI)
+    adapter_location: str | None = None  # under LoRA: the peft adapter directory
+    adapter_uri: str | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -66,6 +69,8 @@ class TrainOutcome:
             f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
             f"  browse: mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 --port 5000",
         ]
+        if self.adapter_location:
+            lines.append(f"adapter: {self.adapter_location} (LoRA; the model above has it merged in)")
         if self.model_uri:
             lines.append(f"  load:   mlflow.pyfunc.load_model('{self.model_uri}')")
         return "\n".join(lines)
@@ -128,6 +133,7 @@ def prepare(cfg: Config) -> tuple[str, PreparedData]:
     check_kernel(cfg)
     check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
     model_ref = prepare_model(cfg)
+    check_lora(cfg.model.lora, model_ref)
     ensure_ray(cfg.ray)
     check_against_cluster(cfg)
     return model_ref, prepare_data(cfg.data, model_ref, cfg.ray)
@@ -157,7 +163,8 @@ def run_training(cfg: Config) -> TrainOutcome:
                                tracker.target if cfg.tracking.log_model else None)
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
                         metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
-                        model_uri=model.model_uri, checkpoint=checkpoint)
+                        model_uri=model.model_uri, checkpoint=checkpoint, adapter_location=model.adapter_location,
+                        adapter_uri=model.adapter_uri)
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None):

@@ -138,7 +138,8 @@ def _saver(me: Rank, progress: Progress, unsent: list) -> SaveCheckpoint:
         tag = CHECKPOINT_TAG.format(tick=progress.clock.tick)
         me.engine.save_checkpoint(str(directory), tag=tag, client_state={
             "clock": progress.clock.state_dict(), "first_eval": progress.first_eval, "unsent_metrics": unsent,
-            "global_batch": progress.global_batch, "eval_samples": progress.eval_samples})
+            "global_batch": progress.global_batch, "eval_samples": progress.eval_samples},
+            exclude_frozen_parameters=has_frozen_parameters(me.engine))
         Path(directory, TAG_FILE).write_text(tag)
         write_manifest(Path(directory), me.rank, me.world, progress.clock.tick)
     return save
@@ -150,11 +151,19 @@ def resume(me: Rank, directory: Path | None, tag: str | None, own_run: bool) -> 
     carried over."""
     if directory is None:
         return Progress(TickClock())
-    _, client_state = me.engine.load_checkpoint(str(directory), tag=tag)
+    # A checkpoint of a partly frozen model (LoRA) holds only what trains: the frozen rest is the
+    # base model every rank has just loaded.
+    _, client_state = me.engine.load_checkpoint(str(directory), tag=tag,
+                                                load_module_strict=not has_frozen_parameters(me.engine))
     clock = TickClock()
     clock.load_state_dict(client_state["clock"])
     return Progress(clock, client_state.get("first_eval"), client_state.get("unsent_metrics", []) if own_run else [],
                     client_state.get("global_batch"), client_state.get("eval_samples"))
+
+
+def has_frozen_parameters(engine) -> bool:
+    """Whether some weights do not train (LoRA's base): checkpoints then leave them out."""
+    return any(not param.requires_grad for param in engine.module.parameters())
 
 
 def _noise_context(noise: NoiseConfig, sigma: float, tick: int, batch: MicroBatch,

@@ -66,6 +66,10 @@ def build_model(config: Config, model_ref: str):
     if config.train.gradient_checkpointing:
         # Non-reentrant: recomputation runs inside the tick's noise context, so it draws the same ε.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.model.lora is not None:  # after the patch: the adapters wrap Linear layers, the fused norms stay
+        from pipeline.models.lora import apply_lora
+
+        model = apply_lora(model, config.model.lora)
     return model, norms
 
 
@@ -76,13 +80,14 @@ def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, u
 
     cfg = plan.config.train
     model, norms = build_model(plan.config, plan.model_ref)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but under LoRA
     optimizer = None if cfg.use_gpu else torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     config = deepspeed_config(cfg)
     if universal:
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=config, dist_init_required=False,
+        model=model, optimizer=optimizer, model_parameters=trainable, config=config, dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, cfg.max_ticks)))
     return Rank(engine, scheduler, rank, world, device), norms
 

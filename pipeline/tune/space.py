@@ -16,7 +16,9 @@ from pipeline.config import Config, ConfigError, SearchDimension
 ZERO_SUFFIX = "@zero"
 ZERO_SHARE = 0.2
 # Paths a trial may not change: the sweep prepares one packed dataset and one model for all trials.
+# The LoRA rank and scale are the exception: the adapters differ, the base model is the same.
 FIXED_PREFIXES = ("model.", "data.", "ray.", "sweep.", "tracking.")
+SEARCHABLE_MODEL_PATHS = ("model.lora.r", "model.lora.alpha", "model.lora.dropout")
 
 
 def effective_space(cfg: Config) -> dict[str, SearchDimension]:
@@ -33,7 +35,9 @@ def effective_space(cfg: Config) -> dict[str, SearchDimension]:
 def check_space(cfg: Config) -> None:
     """Every searched path must exist and be allowed to vary; every sampled value must validate."""
     for path, dimension in effective_space(cfg).items():
-        if path.startswith(FIXED_PREFIXES):
+        if path.startswith("model.lora.") and cfg.model.lora is None:
+            raise ConfigError(f"sweep.space.{path}: the model trains without LoRA; set model.lora to search it")
+        if path.startswith(FIXED_PREFIXES) and path not in SEARCHABLE_MODEL_PATHS:
             raise ConfigError(f"sweep.space.{path}: cannot be searched (one dataset, model and store per sweep)")
         for value in _corner_values(dimension):
             try:
