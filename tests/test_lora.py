@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.data import prepare
-from pipeline.models.lora import check_lora
+from pipeline.models.lora import check_lora, parameter_counts
 from pipeline.train.export import export_model, trained_weights
 from pipeline.train.local import train_in_process
 from pipeline.train.rank import WorkerPlan
@@ -83,7 +83,7 @@ def test_only_the_adapters_train_and_the_frozen_base_stays_bit_for_bit(prepared,
         me, _ = _build_rank(WorkerPlan(cfg, model_ref, None, data, str(tmp_path / "run")), 0, 1, torch.device("cpu"),
                             universal=False)
         trainable = {n: p for n, p in me.engine.module.named_parameters() if p.requires_grad}
-        assert sum(p.ds_numel if stage == 3 else p.numel() for p in trainable.values()) == lora_parameters(model_ref)
+        assert parameter_counts(me.engine.module)[0] == lora_parameters(model_ref)
         assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
         me.engine.train()
         for batch in micro_batches(data.reader("train"), torch.arange(3 * GLOBAL_BATCH).numpy(), GLOBAL_BATCH):
@@ -188,7 +188,9 @@ def test_two_zero3_workers_train_and_save_the_adapter_one_worker_trains(prepared
     assert losses(resumed)[4] == pytest.approx(two_losses[4], rel=1e-5)
 
     client = client_for(outcome.tracking_uri)
-    assert client.get_run(outcome.run_id).data.tags["lora.base_model"]
+    run = client.get_run(outcome.run_id)
+    assert run.data.tags["lora.base_model"] and int(run.data.params["lora.trainable_parameters"]) == lora_parameters(
+        outcome.model_dir)
     assert {a.path for a in client.list_artifacts(outcome.run_id, "adapter")} >= {"adapter/adapter_config.json",
                                                                                   "adapter/adapter_model.safetensors"}
     generated = load_pyfunc(outcome.model_uri, outcome.tracking_uri).predict(["Fellow-Citizens of the Senate"])

@@ -50,6 +50,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return wrapped
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters, counted at their full size also when ZeRO-3 has partitioned them."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
+
+
 def _matches(name: str, wanted: str) -> bool:
     """peft's rule: a module is named by its full name or by its last dotted parts."""
     return name == wanted or name.endswith("." + wanted)

@@ -144,6 +144,12 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
     batches = None
     try:
         say(f"[pipeline] fused norms: {norms.summary()}")
+        if plan.config.model.lora is not None:
+            from pipeline.models.lora import parameter_counts
+
+            trainable, total = parameter_counts(me.engine.module)
+            say(f"[pipeline] LoRA: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})")
+            tracker.log_params({"lora.trainable_parameters": trainable, "lora.all_parameters": total})
         say(f"[pipeline] noise: {_noise_summary(plan.config.noise)}")
         tracker.log_params({"norms.replaced": norms.replaced, "norms.in_blocks": norms.in_blocks,
                             "norms.blocks": norms.blocks})
