@@ -195,3 +195,18 @@ def test_two_zero3_workers_train_and_save_the_adapter_one_worker_trains(prepared
                                                                                   "adapter/adapter_model.safetensors"}
     generated = load_pyfunc(outcome.model_uri, outcome.tracking_uri).predict(["Fellow-Citizens of the Senate"])
     assert isinstance(generated[0], str) and generated[0]
+
+
+def test_sweeps_may_search_the_lora_rank_and_scale_but_not_the_base_model(tmp_path):
+    from pipeline.tune.space import check_space, trial_overrides
+
+    space = ('sweep.space={"model.lora.r": {"type": "choice", "values": [4, 16]}, '
+             '"model.lora.alpha": {"type": "loguniform", "low": 4, "high": 64}}')
+    cfg = config(tmp_path, 1, space)
+    check_space(cfg)
+    trial = cfg.with_overrides(trial_overrides({"model.lora.r": 16, "model.lora.alpha": 32.0}))
+    assert (trial.model.lora.r, trial.model.lora.alpha, trial.model.lora.target_modules) == (16, 32.0, ["q_proj", "v_proj"])
+    with pytest.raises(ConfigError, match=r"sweep.space.model.lora.r: the model trains without LoRA"):
+        check_space(config(tmp_path, 1, "model.lora=null", space))
+    with pytest.raises(ConfigError, match=r"sweep.space.model.init_seed: cannot be searched"):
+        check_space(config(tmp_path, 1, 'sweep.space={"model.init_seed": {"type": "choice", "values": [1]}}'))
