@@ -58,7 +58,7 @@ def runs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", "-e", help="experiment name (default: the config's, or 'finetune')")
     parser.add_argument("--limit", "-n", type=int, default=20)
     parser.add_argument("--sweep", metavar="ID", help="list the trials of one sweep (parent run id or a prefix), "
-                                                      "best eval loss first")
+                                                      "best eval loss first, then its confirmation runs")
 
 
 def tune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +122,7 @@ def runs_command(args: argparse.Namespace) -> int:
     experiment = args.experiment or tracking.experiment
     if args.sweep:
         from pipeline.tracking.sweeps import resolve_sweep_id
-        from pipeline.tune.summary import collect_trials, format_table
+        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table
 
         try:
             parent = resolve_sweep_id(uri, args.sweep)
@@ -130,6 +130,9 @@ def runs_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"--sweep: {exc}") from None
         print(f"trials of sweep {parent} in {redact(uri)}")
         print(format_table(collect_trials(RunTarget(uri, parent))))
+        confirmation = collect_trials(RunTarget(uri, parent), phase="confirm")
+        if confirmation:  # apart: they are not candidates for the best trial
+            print(f"\nconfirmation runs (paired by seed)\n{format_confirm_table(confirmation)}")
         return 0
     print(f"runs of experiment '{experiment}' in {redact(uri)}")
     print(format_runs(recent_runs(uri, experiment, args.limit)))

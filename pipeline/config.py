@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.raw_config import ConfigError, apply_overrides, read_yaml
 
+# The sweep's sections live in a module of their own; `pipeline.config` still offers the whole tree.
+from pipeline.sweep_config import ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig  # noqa: F401
+
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
@@ -356,50 +359,6 @@ class RayConfig(_Section):
     num_cpus: int | None = Field(None, ge=1)
     # Custom resources a local Ray declares (e.g. {"fake_gpu": 4} to test packing without GPUs).
     resources: dict[str, float] = {}
-
-
-class SearchDimension(_Section):
-    """How one config path is searched. `with_zero` also tries exactly 0 (e.g. σ = 0: no noise)."""
-
-    type: Literal["loguniform", "uniform", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-    with_zero: bool = False
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> SearchDimension:
-        if self.type == "choice":
-            if not self.values:
-                raise ValueError("values must list at least one option for type 'choice'")
-        elif self.low is None or self.high is None or not self.low < self.high:
-            raise ValueError(f"low < high must be given for type '{self.type}'")
-        elif self.type == "loguniform" and self.low <= 0:
-            raise ValueError("low must be > 0 for type 'loguniform' (use with_zero to also try 0)")
-        return self
-
-
-class SchedulerConfig(_Section):
-    """ASHA on eval loss; rungs are counted in ticks and end at train.max_ticks."""
-
-    grace_period: int = Field(2, ge=1)
-    reduction_factor: int = Field(2, ge=2)
-
-
-class SweepConfig(_Section):
-    """`pipeline tune`: Ray Tune over any config paths (default: noise.sigma with 0, and train.lr)."""
-
-    name: str | None = None  # default: <experiment>-sweep-<time>
-    space: dict[str, SearchDimension] = {}  # empty: the default space over noise.sigma and train.lr
-    num_samples: int = Field(8, ge=1)
-    # Trials at once; each needs its train.num_workers workers. 0: as many as the cluster fits (or
-    # can scale to); more than fit is refused.
-    max_concurrent_trials: int = Field(1, ge=0)
-    search: Literal["optuna", "random"] = "optuna"
-    seed: int = 0
-    scheduler: SchedulerConfig = SchedulerConfig()
-    register_model: str | None = None  # Model Registry name; default <experiment>-best
-    storage_dir: str = "outputs/sweeps"
 
 
 class Config(_Section):

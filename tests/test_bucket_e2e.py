@@ -143,7 +143,8 @@ def test_sweep_with_its_storage_in_the_bucket(ray_with_s3, tiny_bucket, tmp_path
                  f"model.cache_dir=s3://{tiny_bucket}/models", f"train.output_dir=s3://{tiny_bucket}/outputs",
                  f"sweep.storage_dir=s3://{tiny_bucket}/sweeps", "sweep.name=bucket-sweep", "sweep.num_samples=2",
                  "train.max_ticks=2", "train.eval_every=2", "sweep.scheduler.grace_period=2",
-                 f"tracking.uri={uri}", "tracking.log_model=false"])
+                 f"tracking.uri={uri}", "tracking.log_model=false",
+                 "sweep.confirm.seeds=0"])  # the confirmation stores nothing the search does not (test_tune has it)
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     stored = {f.relative for f in storage.list_files(f"s3://{tiny_bucket}/sweeps/bucket-sweep")}

@@ -1,6 +1,7 @@
 """Ray Tune sweeps: the search space (fast), a real 4-trial sweep with ASHA and MLflow nesting, and a
 sweep interrupted with Ctrl-C and resumed (slow, real processes on 127.0.0.1)."""
 
+import math
 import os
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import ray
 from pipeline.config import ConfigError, load_config
 from pipeline.tracking import RunTarget, load_pyfunc
 from pipeline.tracking.store import client_for
-from pipeline.tracking.sweeps import ROLE_TAG, child_runs
+from pipeline.tracking.sweeps import ARM_TAG, PHASE_TAG, ROLE_TAG, SEED_TAG, TRIAL_TAG, child_runs
 from pipeline.tune import run_sweep
+from pipeline.tune.arms import plan_confirmation
+from pipeline.tune.paired import COMPARISONS, pair_up, plot_pairs
 from pipeline.tune.space import ZERO_SHARE, check_space, effective_space, trial_values, tune_space
 
 from conftest import REPO
@@ -56,29 +59,97 @@ def test_bad_sweep_configs_name_the_field():
         run_sweep(load_config(SWEEP_YAML, ["train.eval_every=0"]))
 
 
+def test_paired_interval_and_the_three_verdicts(tmp_path):
+    from scipy import stats
+
+    noise = next(c for c in COMPARISONS if c.name == "noise")
+    zero = (3.00, 3.20, 3.10, 3.30)
+    cases = {"helped": (2.90, 3.12, 2.98, 3.21), "hurt": (3.08, 3.31, 3.17, 3.42), "none": (2.95, 3.26, 3.04, 3.33)}
+    for outcome, noisy in cases.items():
+        paired = pair_up(noise, {**{("zero", k + 1): v for k, v in enumerate(zero)},
+                                 **{("noisy", k + 1): v for k, v in enumerate(noisy)}})
+        diffs = [z - n for z, n in zip(zero, noisy)]  # σ = 0 twin minus noisy: positive = noise helped
+        low, high = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / len(diffs), scale=stats.sem(diffs))
+        assert (paired.low, paired.high) == pytest.approx((low, high), abs=1e-12)
+        assert paired.outcome == outcome and (low > 0, high < 0) == (outcome == "helped", outcome == "hurt")
+        sentence = paired.sentence()
+        start = {"helped": "noise helped by ", "hurt": "noise hurt by ", "none": "no detectable difference"}[outcome]
+        assert sentence.startswith(start), sentence
+        if outcome != "none":
+            assert f"{abs(paired.mean):.4f} ± {paired.half_width:.4f}" in sentence
+        metrics = paired.metrics()
+        assert metrics["confirm_noise_diff"] == pytest.approx(sum(diffs) / 4) and metrics["confirm_noise_pairs"] == 4
+    image = matplotlib.image.imread(plot_pairs(paired, tmp_path / "pairs.png"))
+    assert image.ndim == 3 and image.shape[0] > 100
+    # A seed whose twin failed drops out of the pairs; one pair left gives no interval.
+    assert pair_up(noise, {("zero", 1): 3.0, ("noisy", 1): 2.9, ("zero", 2): math.nan, ("noisy", 2): 3.0}) is None
+
+
+def test_confirmation_plan_pairs_the_best_noisy_trial_with_its_zero_twin():
+    cfg = load_config(SWEEP_YAML, ["sweep.confirm.seeds=3", "train.seed=5"])
+    ranked = [("t0", 2.5, {"noise.sigma": 0.1, "noise.sigma@zero": 0.0, "train.lr": 0.02}),  # gated to σ = 0
+              ("t1", 2.6, {"noise.sigma": 0.04, "noise.sigma@zero": 0.9, "train.lr": 0.01}),
+              ("t2", math.nan, {"noise.sigma": 0.3, "noise.sigma@zero": 0.9, "train.lr": 0.03})]
+    plan = plan_confirmation(cfg, ranked)
+    assert plan.source == "trial t1" and list(plan.arms) == ["noisy", "zero"] and plan.seeds == (1, 2, 3)
+    runs = {(arm, k): cfg.with_overrides(plan.overrides(arm, k)) for arm in plan.arms for k in plan.seeds}
+    assert {(r.noise.sigma, r.train.lr) for (arm, _), r in runs.items() if arm == "noisy"} == {(0.04, 0.01)}
+    assert {(r.noise.sigma, r.train.lr) for (arm, _), r in runs.items() if arm == "zero"} == {(0.0, 0.01)}
+    for k in plan.seeds:  # a pair shares its seeds; each seed is new
+        assert runs["noisy", k].train.seed == runs["zero", k].train.seed == 5 + k
+        assert runs["noisy", k].noise.seed == runs["zero", k].noise.seed == k
+    assert plan_confirmation(cfg, ranked[:1]) is None  # only σ = 0 finished: nothing to confirm
+    assert plan_confirmation(cfg.with_overrides(["noise.sigma=0.2"]), None).arms["noisy"] == ()  # as given
+    with pytest.raises(ConfigError, match=r"sweep.confirm.only: the config has no noise"):
+        run_sweep(load_config(SWEEP_YAML, ["sweep.confirm.only=true"]))
+    with pytest.raises(ConfigError, match=r"sweep.confirm.seeds: 1 seed gives one pair and no interval"):
+        load_config(SWEEP_YAML, ["sweep.confirm.seeds=1"])
+
+
 # Two "GPUs" declared on the local Ray (Ray schedules declared resources without hardware), one per
 # trial's worker: Tune may run as many trials at once as fit, which is two.
 FAKE_GPUS = ['ray.resources={"fake_gpu": 2}', 'train.resources_per_worker={"fake_gpu": 1}']
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweeps(tmp_path_factory):
+    """In one Ray session: the 4-trial sweep with a 2-seed confirmation, and that sweep resumed after
+    it finished. (A confirm.only sweep is left out: its 4 runs cost about a minute, mostly start-up;
+    its plan is checked without Ray above.)"""
     tmp = tmp_path_factory.mktemp("sweep")
     # A checkpoint at every evaluation: a trial ASHA stops early has one too (whichever trials it
     # stops, the optimizer-state check below then sees the best trial's and the others').
     cfg = load_config(SWEEP_YAML, sweep_overrides(tmp) + [SPACE, *FAKE_GPUS, "sweep.max_concurrent_trials=0",
-                                                          "train.checkpoint_every=2"])
+                                                          "train.checkpoint_every=2", "sweep.confirm.seeds=2"])
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with pytest.raises(ConfigError, match=r"sweep.max_concurrent_trials: 3 trials at once need \{CPU: 1.53, "
                                               r"fake_gpu: 3\}, and 2 fit .*; set it to at most 2"):
             run_sweep(cfg.with_overrides(["sweep.max_concurrent_trials=3"]))
+        started = time.monotonic()
         outcome = run_sweep(cfg)
+        print(f"[sweep fixture] search + confirmation: {time.monotonic() - started:.0f} s")
+        resumed = run_sweep(resume=outcome.experiment)  # nothing left to run: its finished runs are kept
+        print(f"[sweep fixture] with the resume: {time.monotonic() - started:.0f} s")
     finally:
         ray.shutdown()
     # Logging and registering the model must not leave the store exported to later subprocesses.
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
-    return cfg, outcome
+    return {"search": (cfg, outcome), "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def sweep(sweeps):
+    return sweeps["search"]
+
+
+def _phase(runs, phase):
+    return [run for run in runs if run.data.tags[PHASE_TAG] == phase]
+
+
+def _final_eval_loss(client, run) -> float:
+    """The eval loss a run logged at its last evaluation (its last tick)."""
+    return max(client.get_metric_history(run.info.run_id, "eval_loss"), key=lambda m: m.step).value
 
 
 @pytest.mark.slow
@@ -89,7 +160,7 @@ def test_sweep_nests_trials_under_one_parent_and_asha_stops_one(sweep):
     client = client_for(uri)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags[ROLE_TAG] == "sweep"
-    children = child_runs(RunTarget(uri, outcome.parent_run_id))
+    children = _phase(child_runs(RunTarget(uri, outcome.parent_run_id)), "search")
     assert len(children) == cfg.sweep.num_samples
     statuses = [run.info.status for run in children]
     assert "RUNNING" not in statuses and "FAILED" not in statuses
@@ -101,7 +172,7 @@ def test_sweep_nests_trials_under_one_parent_and_asha_stops_one(sweep):
     for run in children:  # per-tick metrics in every child, params from the trial's own config
         assert client.get_metric_history(run.info.run_id, "loss")
         assert float(run.data.params["train.lr"]) in (0.02, 0.0001)
-    assert "best_eval_loss" in parent.data.metrics and "noise_gain" in parent.data.metrics
+    assert "best_eval_loss" in parent.data.metrics
     # The trials ran two at a time: as many as the fake GPUs fit, and never more. A trial's span is
     # its run's start to its last logged tick (the best run's end time moves when its model is logged).
     spans = [(run.info.start_time, max(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss")))
@@ -133,16 +204,19 @@ def test_sweep_report_csv_plots_and_registered_model(sweep):
     uri = cfg.tracking.uri
     artifacts = {a.path for a in client_for(uri).list_artifacts(outcome.parent_run_id)}
     assert {"trials.csv", "eval_loss_vs_sigma.png", "eval_loss_vs_lr.png", "learning_curves.png",
-            "verdict.txt"} <= artifacts
+            "verdict.txt", "confirm.csv", "confirm_noise.png"} <= artifacts
     report = outcome.experiment_dir / "report"
-    rows = (report / "trials.csv").read_text().splitlines()
+    rows = (report / "trials.csv").read_text().splitlines()  # the search's trials only
     assert rows[0].startswith("trial_id,run_id,status") and len(rows) == 1 + cfg.sweep.num_samples
-    for png in ("eval_loss_vs_sigma.png", "eval_loss_vs_lr.png", "learning_curves.png"):
+    rows = (report / "confirm.csv").read_text().splitlines()
+    assert rows[0].startswith("arm,seed,train_seed,noise_seed,trial_id") and len(rows) == 1 + 4
+    for png in ("eval_loss_vs_sigma.png", "eval_loss_vs_lr.png", "learning_curves.png", "confirm_noise.png"):
         image = matplotlib.image.imread(report / png)
         assert image.ndim == 3 and image.shape[0] > 100
     assert outcome.registered == "models:/tiny-sweep-best/1"
     version = client_for(uri).get_model_version("tiny-sweep-best", "1")
     assert version.tags["sweep_id"] == outcome.parent_run_id and float(version.tags["train.lr"]) == 0.02
+    assert version.tags["phase"] == "search"  # the best search trial's model, as before confirmation existed
     generator = load_pyfunc(outcome.registered, uri)
     text = generator.predict(["Fellow-Citizens of the Senate"])
     assert isinstance(text[0], str) and len(text[0]) > 0
@@ -151,7 +225,8 @@ def test_sweep_report_csv_plots_and_registered_model(sweep):
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_and_completes(tmp_path):
     overrides = sweep_overrides(tmp_path) + ["sweep.num_samples=2", "sweep.max_concurrent_trials=1",
-                                             "sweep.name=interrupted", "tracking.log_model=false"]
+                                             "sweep.name=interrupted", "tracking.log_model=false",
+                                             "sweep.confirm.seeds=0"]  # the search's resume; the fixture resumes a confirmation
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
     env.pop("MLFLOW_TRACKING_URI", None)  # the store is the one in the overrides
@@ -190,6 +265,56 @@ def test_interrupted_sweep_resumes_and_completes(tmp_path):
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_confirmation_pairs_the_best_noisy_trial_with_sigma_zero_twins_on_new_seeds(sweep):
+    from scipy import stats
+
+    cfg, outcome = sweep
+    client = client_for(cfg.tracking.uri)
+    parent = client.get_run(outcome.parent_run_id)
+    children = child_runs(RunTarget(cfg.tracking.uri, outcome.parent_run_id))
+    search, confirm = _phase(children, "search"), _phase(children, "confirm")
+    assert len(search) == cfg.sweep.num_samples and len(confirm) == 2 * 2  # 2 seeds x (noisy, σ = 0 twin)
+    runs = {(run.data.tags[ARM_TAG], int(run.data.tags[SEED_TAG])): run for run in confirm}
+    assert set(runs) == {("noisy", 1), ("noisy", 2), ("zero", 1), ("zero", 2)}
+    assert all(run.info.status == "FINISHED" and run.data.metrics["tick"] == cfg.train.max_ticks for run in confirm)
+    # The confirmed config is the best search trial with σ > 0 (no ASHA in confirmation: every run
+    # trains to the end, so a pair compares like with like).
+    noisy_search = [run for run in search if float(run.data.params["noise.sigma"]) > 0]
+    confirmed = min(noisy_search, key=lambda run: _final_eval_loss(client, run))
+    assert parent.data.params["confirm.source"] == f"trial {confirmed.data.tags[TRIAL_TAG]}"
+    for (arm, k), run in runs.items():
+        params = run.data.params
+        assert params["train.lr"] == confirmed.data.params["train.lr"]
+        assert float(params["noise.sigma"]) == (float(confirmed.data.params["noise.sigma"]) if arm == "noisy" else 0.0)
+        assert (params["train.seed"], params["noise.seed"]) == (str(k), str(k))  # new seeds; the search ran at 0
+    assert {run.data.params["train.seed"] for run in search} == {"0"}
+    # The interval, recomputed from the child runs' final eval losses: σ = 0 twin minus noisy.
+    diffs = [_final_eval_loss(client, runs["zero", k]) - _final_eval_loss(client, runs["noisy", k]) for k in (1, 2)]
+    mean = sum(diffs) / 2
+    half = stats.t.ppf(0.975, 1) * stats.tstd(diffs) / math.sqrt(2)
+    metrics = parent.data.metrics
+    assert metrics["confirm_noise_diff"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+    assert (metrics["confirm_noise_ci_low"], metrics["confirm_noise_ci_high"]) == pytest.approx(
+        (mean - half, mean + half), rel=1e-9, abs=1e-12)
+    assert metrics["confirm_noise_pairs"] == 2 and "noise_gain" not in metrics  # the confounded figure is gone
+    expected = "noise helped by" if mean - half > 0 else "noise hurt by" if mean + half < 0 else "no detectable difference"
+    verdict = client.download_artifacts(outcome.parent_run_id, "verdict.txt")
+    assert expected in outcome.verdict and outcome.verdict in open(verdict).read()
+    assert f"{abs(mean):.4f} ± {half:.4f}" in outcome.verdict or expected == "no detectable difference"
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_resumed_repeats_no_run_and_keeps_its_model(sweeps):
+    cfg, outcome = sweeps["search"]
+    resumed = sweeps["resumed"]
+    children = child_runs(RunTarget(cfg.tracking.uri, outcome.parent_run_id))
+    assert len(children) == cfg.sweep.num_samples + 4  # the search's and the confirmation's Tune runs restored
+    assert not resumed.interrupted and resumed.verdict == outcome.verdict
+    assert resumed.registered == outcome.registered == "models:/tiny-sweep-best/1"  # not registered again
+    assert client_for(cfg.tracking.uri).get_run(outcome.parent_run_id).info.status == "FINISHED"
+
+
 def _ended_trials(uri: str) -> int:
     client = client_for(uri)
     experiment = client.get_experiment_by_name("tiny-sweep")
@@ -206,9 +331,11 @@ def test_runs_sweep_lists_the_trials_best_first(sweep, monkeypatch, capsys):
     cfg, outcome = sweep
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
     assert main(["runs", "--sweep", outcome.parent_run_id[:8]]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines[3:] if line.strip()]
-    assert len(rows) == cfg.sweep.num_samples
+    search, _, confirmation = capsys.readouterr().out.partition("confirmation runs (paired by seed)")
+    rows = [line.split() for line in search.splitlines()[3:] if line.strip()]
+    assert len(rows) == cfg.sweep.num_samples  # the confirmation runs are not candidates
     losses = [float(row[-1]) for row in rows]
     assert losses == sorted(losses)
+    rows = [line.split() for line in confirmation.splitlines()[3:] if line.strip()]
+    assert sorted((row[0], int(row[1])) for row in rows) == [("noisy", 1), ("noisy", 2), ("zero", 1), ("zero", 2)]
     assert main(["runs", "--sweep", "zzzz"]) == 2  # an unknown sweep is a one-line error

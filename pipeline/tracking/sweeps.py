@@ -14,6 +14,9 @@ from pipeline.tracking.store import RunTarget, Tracker, client_for, set_status, 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "pipeline.trial_id"
 ROLE_TAG = "pipeline.role"  # sweep (the parent) | trial
+PHASE_TAG = "pipeline.phase"  # a trial's: search (Tune's search with ASHA) | confirm (the paired re-runs)
+ARM_TAG = "pipeline.confirm.arm"  # a confirmation run's arm (noisy | zero | neftune) and seed k
+SEED_TAG = "pipeline.confirm.seed"
 
 
 def child_runs(target: RunTarget) -> list:
@@ -32,12 +35,19 @@ def trial_run(parent: RunTarget, trial_id: str) -> RunTarget | None:
     return None
 
 
-def start_trial_run(cfg: Config, parent: RunTarget, trial_id: str, run_name: str) -> Tracker:
+def start_trial_run(cfg: Config, parent: RunTarget, trial_id: str, run_name: str, phase: str = "search",
+                    tags: dict[str, str] | None = None) -> Tracker:
     """Find the trial's child run (and mark it running again) or create it, nested under the parent."""
     existing = trial_run(parent, trial_id)
     if existing is not None:
         return reopen_run(existing)
-    return start_run(cfg, run_name, tags={PARENT_TAG: parent.run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"})
+    return start_run(cfg, run_name, tags={PARENT_TAG: parent.run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
+                                          PHASE_TAG: phase, **(tags or {})})
+
+
+def phase_of(run) -> str:
+    """A child run's phase; runs of sweeps from before confirmation existed have no tag and were all search."""
+    return run.data.tags.get(PHASE_TAG, "search")
 
 
 def close_running_children(parent: RunTarget, status: str = "KILLED", stopped_by: str = "interrupt") -> int:

@@ -1,4 +1,6 @@
-"""What a finished sweep tells: the trials table, best trial, σ > 0 against σ = 0, CSV and plots."""
+"""What a sweep's runs tell: the trials tables (search, confirmation), the best trial, CSV and plots.
+Whether noise helped is the confirmation's paired verdict (pipeline.tune.confirm): search trials
+differ in more than σ (lr, ticks before ASHA stopped them), so comparing two of them says little."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ from pathlib import Path
 
 from pipeline.tracking import RunTarget
 from pipeline.tracking.store import STOPPED_TAG, client_for
-from pipeline.tracking.sweeps import TRIAL_TAG, child_runs
+from pipeline.tracking.sweeps import ARM_TAG, SEED_TAG, TRIAL_TAG, child_runs, phase_of
 
 COLUMNS = ["trial_id", "run_id", "status", "stopped_by", "sigma", "lr", "ticks", "eval_loss", "best_eval_loss"]
+CONFIRM_COLUMNS = ["arm", "seed", "train_seed", "noise_seed", *COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -26,13 +29,21 @@ class Trial:
     eval_loss: float  # the last evaluation of the trial (at its last tick)
     best_eval_loss: float
     loss_curve: list[tuple[int, float]]  # training loss by tick
+    arm: str = ""  # confirmation runs only: the arm, the seed k, and the seeds it set
+    seed: int = 0
+    train_seed: int = 0
+    noise_seed: int = 0
 
 
-def collect_trials(parent: RunTarget) -> list[Trial]:
+def collect_trials(parent: RunTarget, phase: str = "search") -> list[Trial]:
+    """The sweep's child runs of one phase (search or confirm), lowest final eval loss first."""
     client = client_for(parent.uri)
     trials = []
     for run in child_runs(parent):
+        if phase_of(run) != phase:
+            continue
         run_id = run.info.run_id
+        params, tags = run.data.params, run.data.tags
         evals = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "eval_loss"))
         losses = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
         trials.append(Trial(
@@ -40,51 +51,26 @@ def collect_trials(parent: RunTarget) -> list[Trial]:
             stopped_by=run.data.tags.get(STOPPED_TAG, ""), sigma=float(run.data.params.get("noise.sigma", 0.0)),
             lr=float(run.data.params.get("train.lr", "nan")), ticks=max((s for s, _ in losses), default=0),
             eval_loss=evals[-1][1] if evals else math.nan,
-            best_eval_loss=min((v for _, v in evals), default=math.nan), loss_curve=losses))
+            best_eval_loss=min((v for _, v in evals), default=math.nan), loss_curve=losses,
+            arm=tags.get(ARM_TAG, ""), seed=int(tags.get(SEED_TAG, 0)), train_seed=int(params.get("train.seed", 0)),
+            noise_seed=int(params.get("noise.seed", 0))))
     return sorted(trials, key=lambda t: (math.isnan(t.eval_loss), t.eval_loss))
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Best σ > 0 trial against the σ = 0 trial, each at its last evaluation (lower is better)."""
-
-    best: Trial
-    zero: Trial | None
-    best_noisy: Trial | None
-
-    @property
-    def noise_gain(self) -> float | None:
-        """σ = 0 eval loss minus the best σ > 0 eval loss: positive means noise helped."""
-        if self.zero is None or self.best_noisy is None:
-            return None
-        return self.zero.eval_loss - self.best_noisy.eval_loss
-
-    def sentence(self) -> str:
-        if self.noise_gain is None:
-            return "no comparison: the sweep lacks a σ = 0 trial or a σ > 0 trial"
-        zero, noisy = self.zero, self.best_noisy
-        caveat = "" if zero.ticks == noisy.ticks else (
-            f" (careful: σ = 0 ran {zero.ticks} ticks and the best σ > 0 trial {noisy.ticks}; ASHA stopped one early)")
-        verb = "beat" if self.noise_gain > 0 else "did not beat"
-        return (f"best σ > 0 (σ={noisy.sigma:.3g}, lr={noisy.lr:.3g}: eval loss {noisy.eval_loss:.4f}) {verb} "
-                f"σ = 0 (lr={zero.lr:.3g}: {zero.eval_loss:.4f}) by {self.noise_gain:+.4f}{caveat}")
-
-
-def verdict(trials: list[Trial]) -> Verdict:
+def best_trial(trials: list[Trial]) -> Trial:
+    """The search trial with the lowest final eval loss: the one whose model the sweep registers."""
     finished = [t for t in trials if not math.isnan(t.eval_loss)]
     if not finished:
         raise RuntimeError("no trial of the sweep reported an eval loss")
-    zeros = [t for t in finished if t.sigma == 0.0]
-    noisy = [t for t in finished if t.sigma > 0.0]
-    return Verdict(best=finished[0], zero=zeros[0] if zeros else None, best_noisy=noisy[0] if noisy else None)
+    return finished[0]
 
 
-def write_csv(trials: list[Trial], path: Path) -> Path:
+def write_csv(trials: list[Trial], path: Path, columns: list[str] = COLUMNS) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for t in trials:
-            writer.writerow([getattr(t, column) for column in COLUMNS])
+            writer.writerow([getattr(t, column) for column in columns])
     return path
 
 
@@ -128,5 +114,15 @@ def format_table(trials: list[Trial]) -> str:
     lines = [header, "-" * len(header)]
     for t in trials:
         lines.append(f"{t.trial_id[:14]:14} {t.status:9} {t.stopped_by:8} {t.sigma:>9.2e} {t.lr:>9.2e} "
+                     f"{t.ticks:>5} {t.eval_loss:>10.4f}")
+    return "\n".join(lines)
+
+
+def format_confirm_table(runs: list[Trial]) -> str:
+    """The confirmation runs by seed, each seed's arms together."""
+    header = f"{'arm':8} {'seed':>4} {'train.seed':>10} {'status':9} {'sigma':>9} {'lr':>9} {'ticks':>5} {'eval loss':>10}"
+    lines = [header, "-" * len(header)]
+    for t in sorted(runs, key=lambda t: (t.seed, t.arm)):
+        lines.append(f"{t.arm:8} {t.seed:>4} {t.train_seed:>10} {t.status:9} {t.sigma:>9.2e} {t.lr:>9.2e} "
                      f"{t.ticks:>5} {t.eval_loss:>10.4f}")
     return "\n".join(lines)

@@ -1,23 +1,29 @@
 """`pipeline tune`: a Ray Tune sweep over config paths, recorded in MLflow as one parent run.
 
-    prepare once (model + packed data, fingerprint cache) -> parent run -> Tuner(run_trial per trial,
-    Optuna TPE or random, ASHA on eval loss by tick) -> trials table, CSV, plots, σ>0 vs σ=0 ->
-    best trial's model exported, logged and registered
+    prepare once (model + packed data, fingerprint cache) -> parent run -> search: Tuner(run_trial
+    per trial, Optuna TPE or random, ASHA on eval loss by tick) -> trials table, CSV, plots ->
+    confirmation: a second Tuner (the confirmed config and its σ = 0 twin, and a NEFTune twin, on
+    sweep.confirm.seeds fresh seeds) -> paired differences, intervals, verdict -> the best search
+    trial's model exported, logged and registered
 
 The experiment directory (`sweep.storage_dir/<name>`, a local path or a URI) keeps Tune's state
-plus `sweep.json` (the parent run), `sweep-config.yaml` and the report, so `pipeline tune --resume DIR`
-continues an interrupted sweep.
+(the confirmation's in `confirm/`) plus `sweep.json` (the parent run), `sweep-config.yaml`, the
+confirmation plan and the report, so `pipeline tune --resume DIR` continues an interrupted sweep,
+in either phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
@@ -26,9 +32,11 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError, describe_error, to_yaml
 from pipeline.tracking import RunTarget, Tracker
 
+if TYPE_CHECKING:
+    from pipeline.data import PreparedData
+
 STATE_FILE = "sweep.json"
 CONFIG_FILE = "sweep-config.yaml"
-TRIAL_CPUS = 0.01  # the driver function only waits on its TorchTrainer; 0 is refused by Tune
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,12 @@ class SweepOutcome:
 
 
 def check_sweep(cfg: Config) -> None:
+    from pipeline.tune.arms import check_confirm_only
     from pipeline.tune.space import check_space
 
+    if cfg.sweep.confirm.only:  # no search: no space, no ASHA to feed
+        check_confirm_only(cfg)
+        return
     check_space(cfg)
     train = cfg.train
     if train.eval_every == 0:
@@ -91,22 +103,124 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
         _save_state(experiment_dir, cfg, parent.target)
     else:
         parent = reopen_run(RunTarget(state["tracking_uri"], state["parent_run_id"]))
+    sweep = _Sweep(cfg, model_ref, data, parent, experiment_dir, concurrency)
     try:
-        results = _tuner(cfg, model_ref, data, parent.target, experiment_dir, resume is not None, concurrency).fit()
+        outcome = sweep.run(resume is not None)
     except BaseException as error:
         close_running_children(parent.target)
         interrupted = isinstance(error, KeyboardInterrupt)
         tracking.set_status(parent.target, "KILLED" if interrupted else "FAILED", "interrupt" if interrupted else None)
         raise
-    # Ctrl-C makes Tune save its state and return early. Trials it cut short still have RUNNING
-    # runs (ended ones were closed by TrialRunStatus), or are pending with no result at all.
-    cut_short = close_running_children(parent.target)
-    if cut_short or len(results) < cfg.sweep.num_samples or any(
-            "tick" not in (result.metrics or {}) and result.error is None for result in results):
+    if outcome.interrupted:
         tracking.set_status(parent.target, "KILLED", "interrupt")
-        return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=True)
-    with tracking.run_status(parent.target):
-        return _summarize(cfg, model_ref, parent, experiment_dir, results)
+    else:
+        tracking.set_status(parent.target, "FINISHED")
+    return outcome
+
+
+@dataclass
+class _Sweep:
+    """One sweep's phases: the search (unless confirm.only), the confirmation (unless confirm.seeds
+    is 0), then the report, the registered model and the optimizer states dropped."""
+
+    cfg: Config
+    model_ref: str
+    data: PreparedData
+    parent: Tracker
+    experiment_dir: str
+    concurrency: int
+
+    def run(self, resume: bool) -> SweepOutcome:
+        from pipeline.tune.confirm import confirm_tuner, confirmation_plan
+        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table
+
+        cfg, target = self.cfg, self.parent.target
+        interrupted = SweepOutcome(target.run_id, self.experiment_dir, interrupted=True)
+        search, best, params, checkpoints, tables = None, None, {}, {}, []
+        if not cfg.sweep.confirm.only:
+            results = _tuner(cfg, self.model_ref, self.data, target, self.experiment_dir, resume, self.concurrency).fit()
+            if _cut_short(target, results, cfg.sweep.num_samples):
+                return interrupted
+            search = collect_trials(target)
+            params = {r.metrics["trial_id"]: r.config for r in results if r.metrics}
+            checkpoints = _checkpoints(results)
+            best = self._search_report(search)
+            tables.append(format_table(search))
+            print(tables[-1], flush=True)
+        lines = [] if best is None else [f"best search trial {best.trial_id}: σ={best.sigma:.3g}, lr={best.lr:.3g}, "
+                                         f"final eval loss {best.eval_loss:.4f}"]
+        if cfg.sweep.confirm.seeds:
+            plan = confirmation_plan(cfg, self.experiment_dir, search, params, resume)
+            if plan is None:
+                lines.append("no confirmation: no search trial had noise on (every one ran at σ = 0)")
+            else:
+                results = confirm_tuner(cfg, self.model_ref, self.data, target, self.experiment_dir, plan,
+                                        self.concurrency, resume).fit()
+                if _cut_short(target, results, plan.runs):
+                    return interrupted
+                checkpoints.update(_checkpoints(results))
+                confirmation = self._confirm_report(plan)
+                lines += confirmation.sentences()
+                tables.append(format_confirm_table(confirmation.runs))
+                if best is None:  # confirm.only: the noisy arm's best seed is the model to keep
+                    best = confirmation.best_noisy()
+                    if best is not None:
+                        self.parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma,
+                                                "best.train.lr": best.lr})
+        else:
+            lines.append("no confirmation (sweep.confirm.seeds: 0): the search alone does not tell whether noise helped")
+        verdict = "\n".join(lines)
+        self.parent.log_text(verdict + "\n", "verdict.txt")
+        registered = None
+        if best is not None:
+            registered = _register_best(cfg, self.model_ref, self.parent, best, checkpoints.get(best.trial_id)
+                                        or _newest_checkpoint(self.experiment_dir, best.trial_id), self.experiment_dir)
+            _keep_optimizer_state_of(best.trial_id, self.experiment_dir)
+        return SweepOutcome(target.run_id, self.experiment_dir, interrupted=False, table="\n\n".join(tables),
+                            verdict=verdict, registered=registered)
+
+    def _search_report(self, trials):
+        from pipeline.tune.summary import best_trial, write_csv, write_plots
+
+        best = best_trial(trials)
+        with self._report() as report_dir:
+            write_csv(trials, report_dir / "trials.csv")
+            write_plots(trials, report_dir)
+        self.parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma, "best.train.lr": best.lr})
+        self.parent.log_metrics({"best_eval_loss": best.eval_loss, "trials": len(trials)}, step=0)
+        return best
+
+    def _confirm_report(self, plan):
+        from pipeline.tune.confirm import confirm_report
+
+        with self._report() as report_dir:
+            return confirm_report(self.parent, plan, report_dir)
+
+    @contextlib.contextmanager
+    def _report(self) -> Iterator[Path]:
+        """A directory for report files: on leaving it, each is logged to the parent run and stored
+        in <experiment>/report."""
+        from pipeline.tracking.sweeps import log_artifact
+
+        with tempfile.TemporaryDirectory(prefix="sweep-report-") as report_dir:  # written here, then stored
+            yield Path(report_dir)
+            for path in sorted(Path(report_dir).iterdir()):
+                log_artifact(self.parent, path)
+            storage.upload_dir(Path(report_dir), storage.join(self.experiment_dir, "report"))
+
+
+def _cut_short(parent: RunTarget, results, expected: int) -> bool:
+    """Ctrl-C makes Tune save its state and return early. Trials it cut short still have RUNNING
+    runs (ended ones were closed by TrialRunStatus), or are pending with no result at all."""
+    from pipeline.tracking.sweeps import close_running_children
+
+    cut_short = close_running_children(parent)
+    return bool(cut_short or len(results) < expected or any(
+        "tick" not in (result.metrics or {}) and result.error is None for result in results))
+
+
+def _checkpoints(results) -> dict[str, str]:
+    return {r.metrics.get("trial_id"): r.metrics.get("checkpoint_path") for r in results if r.metrics}
 
 
 def trials_at_once(cfg: Config) -> int:
@@ -114,6 +228,7 @@ def trials_at_once(cfg: Config) -> int:
     Each trial's TorchTrainer reserves its own workers (Ray Train V2 places them in a placement group
     of its own, which a Tune bundle cannot hold for it), so the fit is checked here, up front."""
     from pipeline.train import describe, runs_that_fit, worker_bundle
+    from pipeline.tune.trial import TRIAL_CPUS
 
     per_trial = {key: amount * cfg.train.num_workers for key, amount in worker_bundle(cfg).items()}
     per_trial["CPU"] += TRIAL_CPUS
@@ -129,20 +244,19 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
            concurrency: int):
     from ray import tune
 
-    from pipeline.tune.trial import TrialPlan, TrialRunStatus, run_trial
+    from pipeline.tune.trial import TrialPlan, TrialRunStatus, trainable
 
     # The trials' Train runs go beside the experiment directory (Tune owns what is inside it).
-    plan = TrialPlan(config=cfg, model_ref=model_ref, data=data, parent=parent,
-                     trials_dir=f"{experiment_dir}-trials")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
+    run = trainable(TrialPlan(config=cfg, model_ref=model_ref, data=data, parent=parent,
+                              trials_dir=f"{experiment_dir}-trials"))
     # Tune, like Ray Train, takes a path inside a filesystem plus the filesystem (ours: same endpoint).
     filesystem, fs_path = storage.filesystem(experiment_dir)
     if resume:
-        return tune.Tuner.restore(fs_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+        return tune.Tuner.restore(fs_path, trainable=run, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False, storage_filesystem=filesystem)
     param_space, first_points = _space(cfg)
     return tune.Tuner(
-        trainable, param_space=param_space,
+        run, param_space=param_space,
         tune_config=tune.TuneConfig(metric="eval_loss", mode="min", search_alg=_searcher(cfg, first_points),
                                     scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency),
@@ -180,32 +294,6 @@ def _scheduler(cfg: Config):
                          stop_last_trials=False)
 
 
-def _summarize(cfg: Config, model_ref: str, parent: Tracker, experiment_dir: str, results) -> SweepOutcome:
-    from pipeline.tracking.sweeps import log_artifact
-    from pipeline.tune.summary import collect_trials, format_table, verdict, write_csv, write_plots
-
-    trials = collect_trials(parent.target)
-    result = verdict(trials)
-    with tempfile.TemporaryDirectory(prefix="sweep-report-") as report_dir:  # written here, then stored
-        for path in [write_csv(trials, Path(report_dir) / "trials.csv"), *write_plots(trials, Path(report_dir))]:
-            log_artifact(parent, path)
-        storage.upload_dir(Path(report_dir), storage.join(experiment_dir, "report"))
-    best = result.best
-    parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma, "best.train.lr": best.lr})
-    metrics = {"best_eval_loss": best.eval_loss, "trials": len(trials)}
-    if result.noise_gain is not None:
-        metrics.update(sigma_zero_eval_loss=result.zero.eval_loss,
-                       best_noisy_eval_loss=result.best_noisy.eval_loss, noise_gain=result.noise_gain)
-    parent.log_metrics(metrics, step=0)
-    parent.log_text(result.sentence() + "\n", "verdict.txt")
-    checkpoints = {r.metrics.get("trial_id"): r.metrics.get("checkpoint_path") for r in results if r.metrics}
-    registered = _register_best(cfg, model_ref, parent, best, checkpoints.get(best.trial_id)
-                                or _newest_checkpoint(experiment_dir, best.trial_id), experiment_dir)
-    _keep_optimizer_state_of(best.trial_id, experiment_dir)
-    return SweepOutcome(parent.target.run_id, experiment_dir, interrupted=False, table=format_table(trials),
-                        verdict=result.sentence(), registered=registered)
-
-
 def _keep_optimizer_state_of(best_trial: str, experiment_dir: str) -> None:
     """Every other trial's checkpoints keep their weights only: the optimizer state (2/3 of a
     checkpoint with Adam) is only worth keeping for the run one would continue."""
@@ -234,18 +322,21 @@ def _newest_checkpoint(experiment_dir: str, trial_id: str) -> str | None:
 def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoint: str | None,
                    experiment_dir: str) -> str | None:
     """Export the best trial's final checkpoint (its location, reported by its driver), log it to its
-    run, register it."""
+    run, register it. A sweep resumed after it registered its model keeps that version."""
     from pipeline.tracking.sweeps import register_model
     from pipeline.train import export_in_task
 
     if checkpoint is None or not cfg.tracking.log_model:
         return None
+    if "registered_model" in parent.tags():
+        return parent.tags()["registered_model"]
     model = export_in_task(cfg, checkpoint, model_ref, storage.join(experiment_dir, "best-model"),
                            RunTarget(parent.target.uri, best.run_id))
     model_uri = model.model_uri
     name = cfg.sweep.register_model or f"{cfg.tracking.experiment}-best"
     version = register_model(model_uri, name, {"sweep_id": parent.target.run_id, "noise.sigma": str(best.sigma),
-                                               "train.lr": str(best.lr), "trial_id": best.trial_id},
+                                               "train.lr": str(best.lr), "trial_id": best.trial_id,
+                                               "phase": "confirm" if best.arm else "search"},
                              parent.target.uri)
     parent.set_tags({"registered_model": f"models:/{name}/{version}"})
     return f"models:/{name}/{version}"

@@ -3,7 +3,8 @@
 Ray Train V2 cannot be handed to a Tuner directly; a function per trial builds and fits the
 TorchTrainer, whose rank 0 reports reach Tune through `TuneReportCallback` (eval loss by tick, for
 ASHA). The trial logs into its own MLflow child run. When ASHA stops a trial this function is simply
-killed, so run statuses are set by `TrialRunStatus`, in the process that runs the sweep.
+killed, so run statuses are set by `TrialRunStatus`, in the process that runs the sweep. The same
+driver runs the confirmation's trials (an arm at a seed of a `ConfirmPlan`), tagged phase confirm.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data import PreparedData
 from pipeline.tracking import RunTarget, set_status
-from pipeline.tracking.sweeps import start_trial_run, trial_run
+from pipeline.tracking.sweeps import ARM_TAG, SEED_TAG, start_trial_run, trial_run
+from pipeline.tune.arms import ConfirmPlan
 from pipeline.tune.space import trial_overrides
 
 COMPLETED = "driver_completed"  # in the last result of a trial that ran to its end
+TRIAL_CPUS = 0.01  # the driver function only waits on its TorchTrainer; 0 is refused by Tune
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class TrialPlan:
     data: PreparedData
     parent: RunTarget
     trials_dir: str  # where the trials' Train runs are stored: a local path or a URI
+    # The confirmation's second Tune run: its trials' params are {"arm", "seed"}, not config paths.
+    confirm: ConfirmPlan | None = None
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
@@ -39,14 +44,25 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
 
     storage.configure(plan.config.storage)  # a trial driver is a process of its own
     trial_id = tune.get_context().get_trial_id()
-    cfg = plan.config.with_overrides(trial_overrides(params))
-    tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}")
+    if plan.confirm is None:
+        cfg = plan.config.with_overrides(trial_overrides(params))
+        tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}")
+    else:
+        arm, seed = params["arm"], params["seed"]
+        cfg = plan.config.with_overrides(plan.confirm.overrides(arm, seed))
+        tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"confirm-{arm}-seed{seed}", phase="confirm",
+                                  tags={ARM_TAG: arm, SEED_TAG: str(seed)})
     # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
     # its own checkpoints there and continues from them.
     result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
                  callbacks=[TuneReportCallback()])
     tune.report({**(result.metrics or {}), COMPLETED: True,
                  "checkpoint_path": stored_checkpoint(result, plan.trials_dir), "mlflow_run_id": tracker.target.run_id})
+
+
+def trainable(plan: TrialPlan):
+    """`run_trial` with the plan bound, as Tune runs it (the search's Tuner and the confirmation's)."""
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
 
 
 class TrialRunStatus(tune.Callback):
