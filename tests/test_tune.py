@@ -106,6 +106,25 @@ def test_confirmation_plan_pairs_the_best_noisy_trial_with_its_zero_twin():
         load_config(SWEEP_YAML, ["sweep.confirm.seeds=1"])
 
 
+def test_a_search_with_neftune_gets_a_neftune_twin_at_the_best_neftune_alpha():
+    space = ('sweep.space={"noise.sigma": {"type": "loguniform", "low": 0.01, "high": 0.3, "with_zero": true}, '
+             '"noise.neftune_alpha": {"type": "loguniform", "low": 1, "high": 15, "with_zero": true}}')
+    cfg = load_config(SWEEP_YAML, [space, "noise.site=both", "sweep.confirm.seeds=2"])
+    ranked = [("t0", 2.4, {"noise.sigma": 0.1, "noise.sigma@zero": 0.9, "noise.neftune_alpha": 3.0,
+                           "noise.neftune_alpha@zero": 0.0}),  # norm noise alone (α gated to 0) won
+              ("t1", 2.5, {"noise.sigma": 0.2, "noise.sigma@zero": 0.0, "noise.neftune_alpha": 7.0,
+                           "noise.neftune_alpha@zero": 0.9})]  # NEFTune alone: the best α among those on
+    plan = plan_confirmation(cfg, ranked)
+    assert plan.source == "trial t0" and list(plan.arms) == ["noisy", "zero", "neftune"]
+    noisy, zero, neftune = (cfg.with_overrides(plan.overrides(arm, 1)) for arm in plan.arms)
+    assert (noisy.noise.sigma, noisy.noise.embedding_alpha) == (0.1, 0.0)
+    assert (zero.noise.sigma, zero.noise.embedding_alpha) == (0.0, 0.0)
+    assert (neftune.noise.sigma, neftune.noise.site, neftune.noise.embedding_alpha) == (0.0, "embedding", 7.0)
+    assert noisy.train.seed == zero.train.seed == neftune.train.seed == 1
+    only_neftune = plan_confirmation(cfg, ranked[1:])  # the best noisy trial is NEFTune alone: no twin of itself
+    assert list(only_neftune.arms) == ["noisy", "zero"] and "NEFTune alone" in only_neftune.note
+
+
 # Two "GPUs" declared on the local Ray (Ray schedules declared resources without hardware), one per
 # trial's worker: Tune may run as many trials at once as fit, which is two.
 FAKE_GPUS = ['ray.resources={"fake_gpu": 2}', 'train.resources_per_worker={"fake_gpu": 1}']

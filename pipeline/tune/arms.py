@@ -4,12 +4,12 @@ same confirmation seeds. Config logic only (no Ray, no MLflow).
 Arms, as overrides on the sweep's config:
 - `noisy`: the confirmed configuration: the best search trial that had noise on (the best trial
   itself unless σ = 0 won the search), or with `sweep.confirm.only` the config as given;
-- `zero`: the same with no noise at all (noise.sigma 0, and noise.site norm where NEFTune exists);
+- `zero`: the same with no noise at all (noise.sigma 0, noise.site norm: no NEFTune either);
 - `neftune`, when some search trial had NEFTune on (noise.site embedding or both with
   noise.neftune_alpha > 0): norm noise off (σ = 0, site embedding) and NEFTune on at the α of the
   best such trial (the first of them in the trials table, i.e. the lowest final eval loss); with
   `confirm.only`, at the config's own α. Left out when the confirmed config is NEFTune alone
-  (site embedding), since it would be the `noisy` arm again.
+  (no norm noise), since it would be the `noisy` arm again.
 
 Confirmation seed k (1..sweep.confirm.seeds) sets train.seed and noise.seed to the confirmed
 config's plus k, in every arm: the pair (noisy, zero) at seed k differs only in the noise, and no
@@ -26,7 +26,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.tune.space import effective_space, trial_overrides
 
 ARMS = ("noisy", "zero", "neftune")
-NEFTUNE_ALPHA = "noise.neftune_alpha"  # NEFTune's fields (noise.site, noise.neftune_alpha) may be absent
+NEFTUNE_ALPHA = "noise.neftune_alpha"
 
 
 class ConfirmPlan(BaseModel):
@@ -50,16 +50,11 @@ class ConfirmPlan(BaseModel):
 
 
 def norm_noise_on(cfg: Config) -> bool:
-    return cfg.noise.sigma > 0 and getattr(cfg.noise, "site", "norm") in ("norm", "both")
+    return cfg.noise.sigma > 0 and cfg.noise.site in ("norm", "both")
 
 
 def neftune_on(cfg: Config) -> bool:
-    return getattr(cfg.noise, "site", "norm") in ("embedding", "both") and getattr(cfg.noise, "neftune_alpha", 0.0) > 0
-
-
-def has_neftune(cfg: Config) -> bool:
-    """Whether this config tree has NEFTune's fields at all (they arrive with the NEFTune noise site)."""
-    return "site" in type(cfg.noise).model_fields
+    return cfg.noise.embedding_alpha > 0
 
 
 def searches_neftune(cfg: Config) -> bool:
@@ -68,7 +63,7 @@ def searches_neftune(cfg: Config) -> bool:
 
 def check_confirm_only(cfg: Config) -> None:
     if cfg.sweep.confirm.only and not (norm_noise_on(cfg) or neftune_on(cfg)):
-        raise ConfigError("sweep.confirm.only: the config has no noise (noise.sigma is 0): there is nothing to "
+        raise ConfigError("sweep.confirm.only: the config has no noise (noise.sigma 0, no NEFTune): there is nothing to "
                           "compare with its σ = 0 twin")
 
 
@@ -88,11 +83,11 @@ def plan_confirmation(cfg: Config, ranked: list[tuple[str, float, dict]] | None)
         chosen, source = trial_overrides(params), f"trial {trial}"
         neftune_from = next((trial_cfg for _, trial_cfg, _ in scored if neftune_on(trial_cfg)), None)
     confirmed = cfg.with_overrides(chosen)
-    quiet = ["noise.sigma=0"] + (["noise.site=norm"] if has_neftune(cfg) else [])
+    quiet = ["noise.sigma=0", "noise.site=norm"]
     arms = {"noisy": tuple(chosen), "zero": (*chosen, *quiet)}
     note = ""
     if neftune_from is not None and neftune_on(neftune_from):
-        if getattr(confirmed.noise, "site", "norm") == "embedding":
+        if not norm_noise_on(confirmed):  # its noisy arm is NEFTune alone
             note = "the confirmed config is NEFTune alone: its noisy arm is the NEFTune run"
         else:
             arms["neftune"] = (*chosen, "noise.sigma=0", "noise.site=embedding",
