@@ -46,6 +46,9 @@ def test_default_space_has_sigma_zero_first_and_log_ranges(tmp_path):
     assert trial_values(points[0])["noise.sigma"] == 0.0  # the first trial is the σ = 0 baseline
     assert trial_values({"noise.sigma": 0.1, "noise.sigma@zero": ZERO_SHARE})["noise.sigma"] == 0.1
     check_space(cfg)
+    embedding = load_config(REPO / "configs" / "tiny.yaml", ["sweep.space={}", "noise.site=embedding"])
+    assert set(effective_space(embedding)) == {"noise.neftune_alpha", "train.lr"}
+    check_space(embedding)
 
 
 def test_bad_sweep_configs_name_the_field():

@@ -22,14 +22,18 @@ SEARCHABLE_MODEL_PATHS = ("model.lora.r", "model.lora.alpha", "model.lora.dropou
 
 
 def effective_space(cfg: Config) -> dict[str, SearchDimension]:
-    """The configured space, or the default: σ log-uniform in [1e-3, 0.3] plus σ = 0, lr around train.lr."""
+    """The configured space, or the default: lr around train.lr, and the noise of each site noise.site
+    names, 0 included: σ log-uniform in [1e-3, 0.3] for the norms, NEFTune's α in [1, 15] (the
+    paper's 5, 10, 15 and below) for the embedding."""
     if cfg.sweep.space:
         return dict(cfg.sweep.space)
     lr = cfg.train.lr
-    return {
-        "noise.sigma": SearchDimension(type="loguniform", low=1e-3, high=0.3, with_zero=True),
-        "train.lr": SearchDimension(type="loguniform", low=lr / 10, high=lr * 10),
-    }
+    space = {}
+    if cfg.noise.site in ("norm", "both"):
+        space["noise.sigma"] = SearchDimension(type="loguniform", low=1e-3, high=0.3, with_zero=True)
+    if cfg.noise.site in ("embedding", "both"):
+        space["noise.neftune_alpha"] = SearchDimension(type="loguniform", low=1.0, high=15.0, with_zero=True)
+    return {**space, "train.lr": SearchDimension(type="loguniform", low=lr / 10, high=lr * 10)}
 
 
 def check_space(cfg: Config) -> None:
