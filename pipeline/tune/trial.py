@@ -8,6 +8,7 @@ killed, so run statuses are set by `TrialRunStatus`, in the process that runs th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ray import tune
@@ -37,14 +38,16 @@ class TrialPlan:
 def run_trial(params: dict, plan: TrialPlan) -> None:
     from pipeline.train import fit, stored_checkpoint
 
+    entered = time.time()  # the trial's start-up line begins here (`train.startup`)
     storage.configure(plan.config.storage)  # a trial driver is a process of its own
     trial_id = tune.get_context().get_trial_id()
     cfg = plan.config.with_overrides(trial_overrides(params))
     tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}")
+    created = time.time()
     # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
     # its own checkpoints there and continues from them.
     result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
-                 callbacks=[TuneReportCallback()])
+                 callbacks=[TuneReportCallback()], marks=(("MLflow run", entered), ("trainer", created)))
     tune.report({**(result.metrics or {}), COMPLETED: True,
                  "checkpoint_path": stored_checkpoint(result, plan.trials_dir), "mlflow_run_id": tracker.target.run_id})
 
