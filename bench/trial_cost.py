@@ -36,7 +36,7 @@ from pipeline.config import load_config
 from pipeline.locations import location_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ["MLflow run", "trainer", "worker group", "model", "DeepSpeed", "tracking", "first eval"]
+PARTS = ["MLflow run", "trainer", "worker group", "worker process", "model", "DeepSpeed", "tracking", "first eval"]
 
 
 def overrides(root: Path, trials: int) -> list[str]:

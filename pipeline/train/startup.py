@@ -69,7 +69,8 @@ class Startup:
     def __init__(self, marks: tuple[tuple[str, float], ...] = (), shared: SharedFirstEval | None = None):
         now = time.time()
         self.parts: dict[str, float] = {}
-        for (name, at), (_, until) in zip(marks, [*marks[1:], ("", now)], strict=True):
+        for index, (name, at) in enumerate(marks):  # each part lasts until the next mark, the last until now
+            until = marks[index + 1][1] if index + 1 < len(marks) else now
             self.parts[name] = max(0.0, until - at)
         self.shared = shared
         self.first_eval = ""  # how the tick-0 evaluation was had, when not computed

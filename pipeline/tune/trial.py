@@ -22,6 +22,7 @@ from pipeline.tracking.sweeps import start_trial_run, trial_run
 from pipeline.tune.space import trial_overrides
 
 COMPLETED = "driver_completed"  # in the last result of a trial that ran to its end
+FIRST_EVAL_DIR = "first-eval"  # under the trials' directory
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
     created = time.time()
     # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
     # its own checkpoints there and continues from them.
+    # The trials share their tick-0 evaluation (the same model, eval subset and settings; `train.startup`).
     result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
-                 callbacks=[TuneReportCallback()], marks=(("MLflow run", entered), ("trainer", created)))
+                 callbacks=[TuneReportCallback()], marks=(("MLflow run", entered), ("trainer", created)),
+                 first_eval_dir=storage.join(plan.trials_dir, FIRST_EVAL_DIR))
     tune.report({**(result.metrics or {}), COMPLETED: True,
                  "checkpoint_path": stored_checkpoint(result, plan.trials_dir), "mlflow_run_id": tracker.target.run_id})
 
