@@ -167,18 +167,21 @@ def run_training(cfg: Config) -> TrainOutcome:
                         adapter_uri=model.adapter_uri)
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
-        callbacks: list | None = None):
+        callbacks: list | None = None, marks: tuple[tuple[str, float], ...] = (), first_eval_dir: str | None = None):
     """Run the TorchTrainer, storing its run at `<storage_location>/<storage_name>` (a local path or a
-    URI); `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
+    URI); `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback). `marks` are the
+    caller's own start-up parts, `first_eval_dir` a sweep's shared tick-0 evaluations (`train.startup`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     t = cfg.train
     storage_location = storage.resolve(storage_location)
+    wait_for_workers(cfg)  # bounded, where Ray Train would wait for ever
     # No Ray Dataset: each rank reads its slice of every tick's global batch by sample id
     # (pipeline.train.source), so which samples train at a tick does not depend on the world size.
     plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, data=data,
-                      run_dir=storage.join(storage_location, storage_name))
+                      run_dir=storage.join(storage_location, storage_name), first_eval_dir=first_eval_dir,
+                      marks=(*marks, ("worker group", time.time())))
     # Ray takes a path inside a filesystem (a bucket's key, not a URI) plus the filesystem: ours, so
     # that Ray and this pipeline reach the same endpoint with the same settings.
     filesystem, storage_path = storage.filesystem(storage_location)
@@ -196,7 +199,6 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
             callbacks=callbacks or [],
         ),
     )
-    wait_for_workers(cfg)  # bounded, where Ray Train would wait for ever
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as error:

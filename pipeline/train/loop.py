@@ -22,6 +22,7 @@ from pipeline.noise import NoiseContext, noise_context, sigma_at
 from pipeline.train.checkpoints import TAG_FILE, write_manifest
 from pipeline.train.clock import TickClock, check_ticks_agree
 from pipeline.train.source import MicroBatch, TickBatches
+from pipeline.train.startup import SHARED_TAG, Startup
 from pipeline.train.tick_log import TickLog
 
 CHECKPOINT_TAG = "tick-{tick:06d}"
@@ -60,23 +61,42 @@ class Progress:
 
 def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches: TickBatches,
                 evaluation: list[MicroBatch], ticks: TickLog, reporter: Reporter, say,
-                samples: Callable[[object, int], None] | None = None) -> None:
+                samples: Callable[..., list | None] | None = None, startup: Startup | None = None) -> None:
     """Ticks until train.max_ticks: micro-steps under the tick's noise, then log, evaluate, checkpoint.
-    `samples(engine, tick)` runs after every evaluation (sample generations)."""
+    `samples(engine, tick)` runs after every evaluation (sample generations) and returns them;
+    `samples(engine, tick, generations)` logs ones generated before. `startup` times the run's start
+    and may hold a sweep's shared tick-0 evaluation."""
     t = cfg.train
     engine, clock = me.engine, progress.clock
 
-    def evaluate() -> dict[str, float]:
+    def evaluate() -> tuple[dict[str, float], list | None]:
         loss = _evaluate(engine, evaluation, me.device)
-        if samples is not None:
-            samples(engine, clock.tick)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        generations = samples(engine, clock.tick) if samples is not None else None
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}, generations
 
     if progress.first_eval is None:
-        progress.first_eval = evaluate()
+        shared = startup.shared if startup is not None else None
+        reused = shared.load() if shared is not None else None
+        if reused is None:
+            progress.first_eval, generations = evaluate()
+            if shared is not None:
+                shared.store(progress.first_eval, generations)
+        else:
+            progress.first_eval, generations = reused
+            startup.first_eval = f"first eval reused from {shared.location}"
+            ticks.tracker.set_tags({SHARED_TAG: shared.location})
+            if samples is not None and generations is not None:
+                samples(engine, clock.tick, generations)
         ticks.log({**progress.first_eval, "tick": clock.tick}, clock.tick)
         say(f"[pipeline] tick {clock.tick}: eval loss {progress.first_eval['eval_loss']:.4f}, "
-            f"perplexity {progress.first_eval['eval_perplexity']:.2f} (before training)")
+            f"perplexity {progress.first_eval['eval_perplexity']:.2f} (before training"
+            f"{'' if reused is None else '; the sweep computed it once'})")
+    elif startup is not None:
+        startup.first_eval = "first eval from the checkpoint"
+    if startup is not None:
+        startup.done("first eval")
+        ticks.tracker.log_metrics(startup.metrics(), step=clock.tick)
+        say(startup.summary())
 
     tokens_per_tick = t.samples_per_tick * (seq_len - 1)
     # DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only; at stage 0 with
@@ -121,7 +141,7 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
         last_tick = clock.tick == t.max_ticks
         evaluated = (t.eval_every and clock.tick % t.eval_every == 0) or last_tick
         if evaluated:
-            metrics.update(evaluate())
+            metrics.update(evaluate()[0])
         if clock.tick % t.log_every == 0 or evaluated:
             check_ticks_agree(clock.tick, me.device)
             ticks.log(metrics, clock.tick)

@@ -27,6 +27,7 @@ from pipeline.train.partitioned import load_partitioned_causal_lm
 from pipeline.train.samples import SampleGenerations
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 from pipeline.train.source import TickBatches, eval_batches
+from pipeline.train.startup import SharedFirstEval, Startup, first_eval_key
 from pipeline.train.tick_log import TickLog
 
 
@@ -41,6 +42,10 @@ class WorkerPlan:
     # Where this run's checkpoints are stored (each rank uploads its own files): a URI, or a local
     # path every node shares. Canonical (storage.resolve): checkpoints are compared with it.
     run_dir: str
+    # Wall-clock marks the driver took before the workers started ((part, time.time()), in order),
+    # for the start-up line (`train.startup`); and, in a sweep, where its trials share the tick-0 eval.
+    marks: tuple[tuple[str, float], ...] = ()
+    first_eval_dir: str | None = None
 
 
 def sample_order(cfg: Config, data: PreparedData) -> SampleOrder:
@@ -73,13 +78,14 @@ def build_model(config: Config, model_ref: str):
     return model, norms
 
 
-def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, universal: bool):
+def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, universal: bool, startup: Startup):
     """The model with fused norms, under a DeepSpeed engine; `universal` when it will load a
     universal checkpoint (written by another number of ranks)."""
-    import deepspeed
-
     cfg = plan.config.train
     model, norms = build_model(plan.config, plan.model_ref)
+    startup.done("model")
+    import deepspeed
+
     trainable = [p for p in model.parameters() if p.requires_grad]  # all of them, but under LoRA
     optimizer = None if cfg.use_gpu else torch.optim.AdamW(
         trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -89,6 +95,7 @@ def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, u
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=trainable, config=config, dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, cfg.max_ticks)))
+    startup.done("DeepSpeed")
     return Rank(engine, scheduler, rank, world, device), norms
 
 
@@ -110,6 +117,7 @@ def eval_samples(cfg: Config, data: PreparedData) -> int:
 def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: torch.device,
              reporter: Reporter) -> int:
     """Train this rank to train.max_ticks; the number of training samples it read."""
+    startup = Startup(plan.marks)
     storage.configure(plan.config.storage)  # a worker process has the driver's settings only through the plan
     configured = plan.config
     resized = world != configured.train.num_workers  # a worker range (train.min_workers)
@@ -129,16 +137,20 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
             say(f"[pipeline] the checkpoint was written by {saved_world_size(directory)} ranks and {world} resume "
                 "it: converting it to DeepSpeed's universal format")
             directory, tag = stack.enter_context(universal_copy(directory))
-        me, norms = _build_rank(plan, rank, world, device, universal=tag is not None)
+        me, norms = _build_rank(plan, rank, world, device, universal=tag is not None, startup=startup)
         progress = resume(me, directory, tag, own_run=bool(location) and location.startswith(plan.run_dir.rstrip("/") + "/"))
         if location:
             say(f"[pipeline] resumed from {location} at tick {progress.clock.tick}")
+            startup.done("resume")
 
     _check_same_samples(progress, cfg.samples_per_tick)
     data = plan.data
     progress.global_batch = cfg.samples_per_tick
     # The eval subset a run started with stays its subset (eval_loss_start is measured on it).
     progress.eval_samples = progress.eval_samples or eval_samples(configured, data)
+    if plan.first_eval_dir is not None:
+        key = first_eval_key(plan.config, plan.model_ref, data.fingerprint, progress.eval_samples, world)
+        startup.shared = SharedFirstEval(plan.first_eval_dir, key, rank, world)
     tracker = (BufferedTracker(plan.run, plan.config.tracking.flush_timeout_s, _spill_dir(cfg.output_dir))
                if rank == 0 and plan.run else NullTracker())
     batches = None
@@ -156,9 +168,9 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
         batches = TickBatches(data.reader("train"), sample_order(plan.config, data), rank, world,
                               cfg.micro_batch_size, end_tick=cfg.max_ticks)
         evaluation = eval_batches(data.reader("eval"), progress.eval_samples, rank, world, cfg.micro_batch_size)
-        train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation,
-                    TickLog(tracker, progress.clock.tick, say, progress.unsent or []), reporter, say,
-                    _sample_generations(plan, tracker))
+        ticks, samples = TickLog(tracker, progress.clock.tick, say, progress.unsent or []), _sample_generations(plan, tracker)
+        startup.done("tracking")
+        train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation, ticks, reporter, say, samples, startup)
     finally:
         if batches is not None:
             batches.close()

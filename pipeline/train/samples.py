@@ -23,16 +23,20 @@ class SampleGenerations:
         self.samples, self.max_new_tokens, self.tracker, self.partitioned = samples, max_new_tokens, tracker, partitioned
         self.tokenizer = load_tokenizer(model_ref)
 
-    def __call__(self, engine, tick: int) -> None:
-        module = engine.module
-        module.eval()
-        generations = []
-        with torch.no_grad(), noise_context(None):
-            for sample in self.samples:
-                generations.append(self._answer(module, sample["prompt"]))
-        module.train()
+    def __call__(self, engine, tick: int, generations: list[str] | None = None) -> list[str]:
+        """Answer the prompts and log the answers (or log `generations`, answered before: a sweep's
+        tick 0, the same for every trial); returns what was logged."""
+        if generations is None:
+            module = engine.module
+            module.eval()
+            generations = []
+            with torch.no_grad(), noise_context(None):
+                for sample in self.samples:
+                    generations.append(self._answer(module, sample["prompt"]))
+            module.train()
         self.tracker.log_table({"tick": [tick] * len(self.samples), "prompt": [s["prompt"] for s in self.samples],
                                 "reference": [s["reference"] for s in self.samples], "generation": generations}, TABLE)
+        return generations
 
     def _answer(self, module, prompt: str) -> str:
         tokenizer = self.tokenizer

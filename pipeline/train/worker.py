@@ -3,6 +3,7 @@ hands each checkpoint to Ray Train after uploading it itself. The loop is `train
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import posixpath
 import tempfile
@@ -15,9 +16,13 @@ from pipeline.train.rank import WorkerPlan, run_rank
 
 
 def train_worker(plan: WorkerPlan) -> None:
+    import psutil  # a dependency of Ray's
     import ray.train
     import ray.train.torch
 
+    # When this process began: what is before it is Ray starting the worker group, what is after it this
+    # process's own start (interpreter, imports, Ray Train's set-up), in the start-up line.
+    plan = dataclasses.replace(plan, marks=(*plan.marks, ("worker process", psutil.Process().create_time())))
     context = ray.train.get_context()
     run_rank(plan, context.get_world_rank(), context.get_world_size(), context.get_local_world_size(),
              ray.train.torch.get_device(), RayReporter(plan.run_dir, context.get_world_rank()))

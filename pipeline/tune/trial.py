@@ -9,6 +9,7 @@ driver runs the confirmation's trials (an arm at a seed of a `ConfirmPlan`), tag
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ray import tune
@@ -24,6 +25,7 @@ from pipeline.tune.space import trial_overrides
 
 COMPLETED = "driver_completed"  # in the last result of a trial that ran to its end
 TRIAL_CPUS = 0.01  # the driver function only waits on its TorchTrainer; 0 is refused by Tune
+FIRST_EVAL_DIR = "first-eval"  # under the trials' directory
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class TrialPlan:
 def run_trial(params: dict, plan: TrialPlan) -> None:
     from pipeline.train import fit, stored_checkpoint
 
+    entered = time.time()  # the trial's start-up line begins here (`train.startup`)
     storage.configure(plan.config.storage)  # a trial driver is a process of its own
     trial_id = tune.get_context().get_trial_id()
     if plan.confirm is None:
@@ -52,10 +55,13 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
         cfg = plan.config.with_overrides(plan.confirm.overrides(arm, seed))
         tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"confirm-{arm}-seed{seed}", phase="confirm",
                                   tags={ARM_TAG: arm, SEED_TAG: str(seed)})
+    created = time.time()
     # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
     # its own checkpoints there and continues from them.
+    # The trials share their tick-0 evaluation (the same model, eval subset and settings; `train.startup`).
     result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
-                 callbacks=[TuneReportCallback()])
+                 callbacks=[TuneReportCallback()], marks=(("MLflow run", entered), ("trainer", created)),
+                 first_eval_dir=storage.join(plan.trials_dir, FIRST_EVAL_DIR))
     tune.report({**(result.metrics or {}), COMPLETED: True,
                  "checkpoint_path": stored_checkpoint(result, plan.trials_dir), "mlflow_run_id": tracker.target.run_id})
 
