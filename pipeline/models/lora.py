@@ -47,7 +47,17 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     for name in fully_trained_modules(model, cfg):
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
+    wrapped._register_state_dict_hook(_drop_frozen)
     return wrapped
+
+
+def _drop_frozen(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """The training model's state dict holds only what trains: what a checkpoint saves. DeepSpeed's
+    `exclude_frozen_parameters` drops frozen weights by `named_parameters()`, which lists a tied
+    weight once, so a tied duplicate (SmolLM2's lm_head, 113 MB) would still be saved."""
+    for name, param in module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False):
+        if not param.requires_grad:
+            state_dict.pop(name, None)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
