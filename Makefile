@@ -44,6 +44,8 @@ bench: install
 	$(PY) bench/checkpoint_manifest.py
 	$(PY) bench/partitioned_memory.py
 	$(PY) bench/export_memory.py
+	$(PY) bench/lora_checkpoint.py
+	$(PY) bench/trial_cost.py
 
 clean:
 	rm -rf $(VENV) .cache outputs mlruns .pytest_cache
