@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.raw_config import ConfigError, apply_overrides, read_yaml
 
 # The sweep's sections live in a module of their own; `pipeline.config` still offers the whole tree.
-from pipeline.sweep_config import ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig  # noqa: F401
+from pipeline.config.sweep import ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig  # noqa: F401
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
