@@ -1,27 +1,28 @@
 """The `sweep:` section of the config (`pipeline tune`): the search space, ASHA, and the paired
-confirmation of the best configuration. `pipeline.config` imports it into the whole tree."""
+confirmation of the best configuration."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    # The same rules as pipeline.config's sections (that module imports this one, so this one cannot
-    # import its base): an unknown key is an error naming it; frozen.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from pipeline.config.section import Section
 
 
 class SearchDimension(Section):
-    """How one config path is searched. `with_zero` also tries exactly 0 (e.g. σ = 0: no noise)."""
+    """How one config path is searched."""
 
     type: Literal["loguniform", "uniform", "choice"]
+    """How values are drawn: log-uniform or uniform in [`low`, `high`], or one of `values`."""
     low: float | None = None
+    """The range's lower end (`loguniform`: > 0)."""
     high: float | None = None
+    """The range's upper end, above `low`."""
     values: list[Any] | None = None
+    """For `choice`: the options."""
     with_zero: bool = False
+    """Also try exactly 0 (e.g. σ = 0: no noise); the first trial does."""
 
     @model_validator(mode="after")
     def _check_bounds(self) -> SearchDimension:
@@ -36,21 +37,26 @@ class SearchDimension(Section):
 
 
 class SchedulerConfig(Section):
-    """ASHA on eval loss; rungs are counted in ticks and end at train.max_ticks."""
+    """ASHA on eval loss; rungs are counted in ticks and end at `train.max_ticks`. Needs
+    `train.eval_every`."""
 
     grace_period: int = Field(2, ge=1)
+    """Ticks every trial runs before ASHA may stop it."""
     reduction_factor: int = Field(2, ge=2)
+    """ASHA keeps 1 in this many trials at each rung."""
 
 
 class ConfirmConfig(Section):
     """After the search, the chosen configuration is re-run with `seeds` fresh seeds, each paired
     with a σ = 0 twin on the same seeds: the sweep's verdict is the paired difference and its interval."""
 
-    # Confirmation seeds (every one a run per arm). 0 turns confirmation off; 1 is refused, since
-    # one pair gives a difference but no interval.
     seeds: int = Field(3, ge=0)
-    # Skip the search and confirm the config as given (its own noise and lr).
+    """New seeds the confirmed config and its σ = 0 twin (and a NEFTune twin when the search had
+    NEFTune) run on, paired by seed (see "Reading a sweep's verdict"); every one a run per arm. 0 turns
+    confirmation off; 1 is refused, since one pair gives a difference but no interval."""
     only: bool = False
+    """Skip the search and confirm the config as given (its own σ and lr) against its twins; needs
+    noise on and `seeds` >= 2."""
 
     @model_validator(mode="after")
     def _check_seeds(self) -> ConfirmConfig:
@@ -62,17 +68,29 @@ class ConfirmConfig(Section):
 
 
 class SweepConfig(Section):
-    """`pipeline tune`: Ray Tune over any config paths (default: noise.sigma with 0, and train.lr)."""
+    """`pipeline tune`: Ray Tune over any config paths (default: noise with a zero, and train.lr), then
+    the paired confirmation of the best configuration."""
 
-    name: str | None = None  # default: <experiment>-sweep-<time>
-    space: dict[str, SearchDimension] = {}  # empty: the default space over noise.sigma and train.lr
+    name: str | None = None
+    """The sweep's name and directory under `storage_dir`; none: `<experiment>-sweep-<time>`."""
+    space: dict[str, SearchDimension] = {}
+    """The searched config paths. `model.*` (but `model.lora.r`, `.alpha`, `.dropout`), `data.*`,
+    `ray.*` and `tracking.*` cannot vary. Empty: lr in [lr/10, 10·lr] log-uniform, plus per
+    `noise.site`: σ in [1e-3, 0.3] log-uniform and σ = 0 (`norm`), NEFTune α in [1, 15] log-uniform and
+    α = 0 (`embedding`)."""
     num_samples: int = Field(8, ge=1)
-    # Trials at once; each needs its train.num_workers workers. 0: as many as the cluster fits (or
-    # can scale to); more than fit is refused.
+    """Search trials."""
     max_concurrent_trials: int = Field(1, ge=0)
+    """Trials at once, each with its `train.num_workers` workers; 0: as many as the cluster fits (or can
+    scale to). More than fit is refused before the sweep starts."""
     search: Literal["optuna", "random"] = "optuna"
+    """Optuna TPE, or random search (also the fallback when optuna is missing)."""
     seed: int = 0
+    """The search's seed."""
     scheduler: SchedulerConfig = SchedulerConfig()
     confirm: ConfirmConfig = ConfirmConfig()
-    register_model: str | None = None  # Model Registry name; default <experiment>-best
+    register_model: str | None = None
+    """The Model Registry name of the best model (the best search trial's; see "Sweeps"); none:
+    `<experiment>-best`."""
     storage_dir: str = "outputs/sweeps"
+    """Where Tune keeps the sweep's state (local or a URI)."""
