@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo sft-demo lint test test-fast bench clean
+.PHONY: install demo sft-demo lint config-reference test test-fast bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ sft-demo: install
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench
+
+# The README's config reference is generated from the field docstrings in pipeline/config/: after
+# editing one, rewrite it (tests/test_config_reference.py fails while it is out of date).
+config-reference: install
+	$(VENV)/bin/pipeline config-reference --write README.md
 
 test: lint
 	$(PY) -m pytest -v -rs --durations=15 tests

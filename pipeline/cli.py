@@ -17,7 +17,7 @@ from pipeline import (
     runtime,  # noqa: F401  (sets Ray's logging environment before Ray is imported)
     storage,
 )
-from pipeline.config import Config, ConfigError, TrackingConfig, load_config
+from pipeline.config import Config, ConfigError, TrackingConfig, load_config, reference
 from pipeline.locations import anchor_paths
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -35,6 +35,13 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", required=True, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. train.lr=3e-4 data.seq_len=512")
+    config_epilog(parser)
+
+
+def config_epilog(parser: argparse.ArgumentParser) -> None:
+    """--help ends with the config's sections, generated from the typed config like the README's table."""
+    parser.epilog = reference.epilog()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keeps the epilog's columns
 
 
 def train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +74,7 @@ def tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. sweep.num_samples=8 train.max_ticks=20")
     parser.add_argument("--resume", metavar="SWEEP_DIR",
                         help="continue an interrupted sweep from its directory (printed when it stopped)")
+    config_epilog(parser)
 
 
 def load(args: argparse.Namespace) -> Config:
@@ -170,6 +178,32 @@ def tune_command(args: argparse.Namespace) -> int:
     outcome = run_sweep(load(args)) if args.config else run_sweep(resume=args.resume)  # a path or a URI
     print(outcome.summary())
     return 130 if outcome.interrupted else 0
+
+
+def reference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("section", nargs="?", help="one section or sub-section, e.g. train or train.zero (default: all)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--write", metavar="FILE", help="rewrite FILE's generated block (README.md) in place")
+    target.add_argument("--check", metavar="FILE", help="exit 1 when FILE's generated block is out of date")
+
+
+@command("config-reference", "every config field with its default and meaning, generated from the typed config "
+         "(the README's table)", reference_arguments)
+def reference_command(args: argparse.Namespace) -> int:
+    if args.section and (args.write or args.check):
+        raise ConfigError("config-reference: --write and --check take the whole reference, not one section")
+    if args.write:
+        changed = reference.write(Path(args.write))
+        print(f"{args.write}: config reference {'rewritten' if changed else 'already up to date'}")
+    elif args.check:
+        problem = reference.check(Path(args.check))
+        if problem:
+            print(f"pipeline: {problem}", file=sys.stderr)
+            return 1
+        print(f"{args.check}: config reference up to date")
+    else:
+        print(reference.table(args.section))
+    return 0
 
 
 def address_argument(parser: argparse.ArgumentParser) -> None:

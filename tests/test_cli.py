@@ -1,4 +1,5 @@
-"""The CLI end to end, as a user runs it: subprocesses, a temporary MLflow store, configs/tiny.yaml."""
+"""The CLI end to end, as a user runs it: subprocesses, a temporary MLflow store, configs/tiny.yaml; and
+the commands that start nothing (help, config-reference) in-process."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.locations import location_overrides
 
 from conftest import TINY_YAML
@@ -64,3 +66,32 @@ def test_prepare_train_runs_end_to_end(tmp_path):
     assert listed.returncode == 0, listed.stderr
     rows = [line for line in listed.stdout.splitlines() if "FINISHED" in line]
     assert len(rows) == 1 and rows[0].split()[-2] == "4"
+
+
+@pytest.mark.parametrize("name", ["prepare", "train", "tune"])
+def test_help_ends_with_the_config_sections(name, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([name, "--help"])
+    assert exit.value.code == 0
+    epilog = capsys.readouterr().out.split("config sections")[1]
+    for section in ("model", "data", "train", "noise", "sweep", "tracking", "storage", "ray"):
+        assert f"\n  {section} " in epilog
+    assert "pipeline config-reference [SECTION]" in epilog
+
+
+def test_config_reference_command(tmp_path, capsys):
+    assert main(["config-reference", "sweep.confirm"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| field | default | meaning |") and "| `sweep.confirm.seeds` | `3` |" in out
+    assert "sweep.num_samples" not in out
+    assert main(["config-reference", "nope"]) == 2
+    assert "no section 'nope'" in capsys.readouterr().err
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- config-reference:start -->\n<!-- config-reference:end -->\n")
+    assert main(["config-reference", "--check", str(readme)]) == 1
+    assert "out of date: run `pipeline config-reference --write README.md`" in capsys.readouterr().err
+    assert main(["config-reference", "--write", str(readme)]) == 0
+    assert main(["config-reference", "--check", str(readme)]) == 0
+    assert "| `model.lora.r` | `8` |" in readme.read_text()
+    assert main(["config-reference", "train", "--write", str(readme)]) == 2
