@@ -20,7 +20,7 @@ from pipeline.config import Config
 from pipeline.tracking import RunTarget, Tracker
 from pipeline.tune.arms import ConfirmPlan, plan_confirmation
 from pipeline.tune.paired import COMPARISONS, Paired, pair_up, plot_pairs
-from pipeline.tune.summary import CONFIRM_COLUMNS, Trial, collect_trials, write_csv
+from pipeline.tune.summary import CONFIRM_COLUMNS, Trial, collect_trials, settings, write_csv
 
 CONFIRM_DIR = "confirm"
 PLAN_FILE = "confirm-plan.json"
@@ -76,7 +76,7 @@ class Confirmation:
 
     def sentences(self) -> list[str]:
         noisy = next((r for r in self.runs if r.arm == "noisy"), None)
-        what = f" (σ={noisy.sigma:.3g}, lr={noisy.lr:.3g})" if noisy else ""
+        what = f" ({settings(noisy)})" if noisy else ""
         lines = [f"confirmation of {self.plan.source}{what} on {len(self.plan.seeds)} seeds, each paired with "
                  f"its twins: " + ", ".join(self.plan.arms)]
         lines += [p.sentence() for p in self.paired]

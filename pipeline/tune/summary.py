@@ -13,7 +13,7 @@ from pipeline.tracking import RunTarget
 from pipeline.tracking.store import STOPPED_TAG, client_for
 from pipeline.tracking.sweeps import ARM_TAG, SEED_TAG, TRIAL_TAG, child_runs, phase_of
 
-COLUMNS = ["trial_id", "run_id", "status", "stopped_by", "sigma", "lr", "ticks", "eval_loss", "best_eval_loss"]
+COLUMNS = ["trial_id", "run_id", "status", "stopped_by", "sigma", "alpha", "lr", "ticks", "eval_loss", "best_eval_loss"]
 CONFIRM_COLUMNS = ["arm", "seed", "train_seed", "noise_seed", *COLUMNS]
 
 
@@ -24,6 +24,7 @@ class Trial:
     status: str
     stopped_by: str
     sigma: float
+    alpha: float  # NEFTune's α where noise.site puts noise on the embedding, else 0
     lr: float
     ticks: int
     eval_loss: float  # the last evaluation of the trial (at its last tick)
@@ -33,6 +34,12 @@ class Trial:
     seed: int = 0
     train_seed: int = 0
     noise_seed: int = 0
+
+
+def settings(trial: Trial) -> str:
+    """The searched settings as a reader wants them: σ, NEFTune's α where it is on, lr."""
+    alpha = f", NEFTune α={trial.alpha:.3g}" if trial.alpha else ""
+    return f"σ={trial.sigma:.3g}{alpha}, lr={trial.lr:.3g}"
 
 
 def collect_trials(parent: RunTarget, phase: str = "search") -> list[Trial]:
@@ -49,6 +56,7 @@ def collect_trials(parent: RunTarget, phase: str = "search") -> list[Trial]:
         trials.append(Trial(
             trial_id=run.data.tags.get(TRIAL_TAG, ""), run_id=run_id, status=run.info.status,
             stopped_by=run.data.tags.get(STOPPED_TAG, ""), sigma=float(run.data.params.get("noise.sigma", 0.0)),
+            alpha=float(params.get("noise.neftune_alpha", 0.0)) if params.get("noise.site") in ("embedding", "both") else 0.0,
             lr=float(run.data.params.get("train.lr", "nan")), ticks=max((s for s, _ in losses), default=0),
             eval_loss=evals[-1][1] if evals else math.nan,
             best_eval_loss=min((v for _, v in evals), default=math.nan), loss_curve=losses,
@@ -110,19 +118,20 @@ def write_plots(trials: list[Trial], out_dir: Path) -> list[Path]:
 
 
 def format_table(trials: list[Trial]) -> str:
-    header = f"{'trial':14} {'status':9} {'stopped':8} {'sigma':>9} {'lr':>9} {'ticks':>5} {'eval loss':>10}"
+    header = f"{'trial':14} {'status':9} {'stopped':8} {'sigma':>9} {'alpha':>6} {'lr':>9} {'ticks':>5} {'eval loss':>10}"
     lines = [header, "-" * len(header)]
     for t in trials:
-        lines.append(f"{t.trial_id[:14]:14} {t.status:9} {t.stopped_by:8} {t.sigma:>9.2e} {t.lr:>9.2e} "
+        lines.append(f"{t.trial_id[:14]:14} {t.status:9} {t.stopped_by:8} {t.sigma:>9.2e} {t.alpha:>6.2f} {t.lr:>9.2e} "
                      f"{t.ticks:>5} {t.eval_loss:>10.4f}")
     return "\n".join(lines)
 
 
 def format_confirm_table(runs: list[Trial]) -> str:
     """The confirmation runs by seed, each seed's arms together."""
-    header = f"{'arm':8} {'seed':>4} {'train.seed':>10} {'status':9} {'sigma':>9} {'lr':>9} {'ticks':>5} {'eval loss':>10}"
+    header = (f"{'arm':8} {'seed':>4} {'train.seed':>10} {'status':9} {'sigma':>9} {'alpha':>6} {'lr':>9} {'ticks':>5} "
+              f"{'eval loss':>10}")
     lines = [header, "-" * len(header)]
     for t in sorted(runs, key=lambda t: (t.seed, t.arm)):
-        lines.append(f"{t.arm:8} {t.seed:>4} {t.train_seed:>10} {t.status:9} {t.sigma:>9.2e} {t.lr:>9.2e} "
+        lines.append(f"{t.arm:8} {t.seed:>4} {t.train_seed:>10} {t.status:9} {t.sigma:>9.2e} {t.alpha:>6.2f} {t.lr:>9.2e} "
                      f"{t.ticks:>5} {t.eval_loss:>10.4f}")
     return "\n".join(lines)

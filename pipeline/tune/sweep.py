@@ -132,7 +132,7 @@ class _Sweep:
 
     def run(self, resume: bool) -> SweepOutcome:
         from pipeline.tune.confirm import confirm_tuner, confirmation_plan
-        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table
+        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table, settings
 
         cfg, target = self.cfg, self.parent.target
         interrupted = SweepOutcome(target.run_id, self.experiment_dir, interrupted=True)
@@ -147,7 +147,7 @@ class _Sweep:
             best = self._search_report(search)
             tables.append(format_table(search))
             print(tables[-1], flush=True)
-        lines = [] if best is None else [f"best search trial {best.trial_id}: σ={best.sigma:.3g}, lr={best.lr:.3g}, "
+        lines = [] if best is None else [f"best search trial {best.trial_id}: {settings(best)}, "
                                          f"final eval loss {best.eval_loss:.4f}"]
         if cfg.sweep.confirm.seeds:
             plan = confirmation_plan(cfg, self.experiment_dir, search, params, resume)
