@@ -194,6 +194,8 @@ def test_sweep_nests_trials_under_one_parent_and_asha_stops_one(sweep):
     for run in children:  # per-tick metrics in every child, params from the trial's own config
         assert client.get_metric_history(run.info.run_id, "loss")
         assert float(run.data.params["train.lr"]) in (0.02, 0.0001)
+        # One CPU rank: trained in the trial's own process, no Train worker group started for it.
+        assert "startup.model_s" in run.data.metrics and "startup.worker_group_s" not in run.data.metrics
     assert "best_eval_loss" in parent.data.metrics
     # The trials ran two at a time: as many as the fake GPUs fit, and never more. A trial's span is
     # its run's start to its last logged tick (the best run's end time moves when its model is logged).

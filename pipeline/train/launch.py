@@ -205,6 +205,21 @@ def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str,
         raise TrainingFailed(describe_failure(error)) from error
 
 
+def fit_in_process(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
+                   listener, marks: tuple = (), first_eval_dir: str | None = None) -> tuple[dict, str]:
+    """`fit` for one CPU rank (`train.local.runs_in_process`), trained in this process: no Train
+    controller or worker process to start. Checkpoints go where `fit` puts them; `listener(metrics,
+    checkpoint location or None)` hears every report. Returns the last report's metrics and the final
+    checkpoint's location."""
+    from pipeline.train.local import train_in_process
+
+    plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, data=data,
+                      run_dir=storage.join(storage.resolve(storage_location), storage_name), marks=marks,
+                      first_eval_dir=first_eval_dir)
+    reporter = train_in_process(plan, listener)
+    return reporter.reports[-1], reporter.checkpoints[-1]
+
+
 def stored_checkpoint(result, storage_location: str) -> str:
     """The location of a fit's final checkpoint (Ray reports a path inside the storage filesystem)."""
     return storage.to_location(storage.resolve(storage_location), result.checkpoint.path)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,33 +23,45 @@ from pipeline.train.checkpoints import upload_checkpoint
 from pipeline.train.loop import SaveCheckpoint
 from pipeline.train.rank import WorkerPlan, run_rank
 
+# Told of every report as it is made: its metrics and, when it wrote one, the checkpoint's location.
+Listener = Callable[[dict, str | None], None]
+
 
 @dataclass
 class LocalReporter:
     """Keeps every report; writes a checkpoint as `<run_dir>/checkpoint_<tick>` (manifest last)."""
 
     run_dir: str
+    listener: Listener | None = None
     reports: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     samples_read: int = 0  # training samples read from the cache (none before the resumed tick)
 
     def report(self, metrics: dict, save: SaveCheckpoint | None) -> None:
         self.reports.append(dict(metrics))
-        if save is None:
-            return
-        location = storage.join(self.run_dir, f"checkpoint_{int(metrics['tick']):06d}")
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
-            save(Path(directory))
-            upload_checkpoint(Path(directory), location, rank=0)
-        self.checkpoints.append(location)
+        location = None
+        if save is not None:
+            location = storage.join(self.run_dir, f"checkpoint_{int(metrics['tick']):06d}")
+            with tempfile.TemporaryDirectory(prefix="ckpt-") as directory:
+                save(Path(directory))
+                upload_checkpoint(Path(directory), location, rank=0)
+            self.checkpoints.append(location)
+        if self.listener is not None:
+            self.listener(dict(metrics), location)
 
 
-def train_in_process(plan: WorkerPlan) -> LocalReporter:
+def runs_in_process(cfg) -> bool:
+    """Whether a run is one CPU rank, which `train_in_process` can train (a 1-worker sweep trial)."""
+    t = cfg.train
+    return t.num_workers == 1 and t.min_workers is None and not t.use_gpu
+
+
+def train_in_process(plan: WorkerPlan, listener: Listener | None = None) -> LocalReporter:
     """Train `plan` as a single rank in this process; the reports and checkpoints it made."""
-    if plan.config.train.num_workers != 1 or plan.config.train.use_gpu:
+    if not runs_in_process(plan.config):
         raise ValueError("train_in_process runs one CPU rank: set train.num_workers=1 and train.use_gpu=false "
                          "(and train.global_batch_size to keep a multi-worker run's global batch)")
-    reporter = LocalReporter(plan.run_dir)
+    reporter = LocalReporter(plan.run_dir, listener)
     with _process_group():
         reporter.samples_read = run_rank(plan, rank=0, world=1, local_world=1, device=torch.device("cpu"),
                                          reporter=reporter)

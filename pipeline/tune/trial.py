@@ -2,7 +2,10 @@
 
 Ray Train V2 cannot be handed to a Tuner directly; a function per trial builds and fits the
 TorchTrainer, whose rank 0 reports reach Tune through `TuneReportCallback` (eval loss by tick, for
-ASHA). The trial logs into its own MLflow child run. When ASHA stops a trial this function is simply
+ASHA). A trial of one CPU rank trains in the driver's own process instead (`fit_in_process`: the
+same rank, losses and checkpoints), reserving that rank's resources itself: starting a Train
+controller and a worker process, each importing Ray and torch again, was most of a small trial.
+The trial logs into its own MLflow child run. When ASHA stops a trial this function is simply
 killed, so run statuses are set by `TrialRunStatus`, in the process that runs the sweep. The same
 driver runs the confirmation's trials (an arm at a seed of a `ConfirmPlan`), tagged phase confirm.
 """
@@ -42,7 +45,7 @@ class TrialPlan:
 
 
 def run_trial(params: dict, plan: TrialPlan) -> None:
-    from pipeline.train import fit, stored_checkpoint
+    from pipeline.train import fit, fit_in_process, runs_in_process, stored_checkpoint
 
     entered = time.time()  # the trial's start-up line begins here (`train.startup`)
     storage.configure(plan.config.storage)  # a trial driver is a process of its own
@@ -59,16 +62,32 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
     # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
     # its own checkpoints there and continues from them.
     # The trials share their tick-0 evaluation (the same model, eval subset and settings; `train.startup`).
-    result = fit(cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir,
-                 callbacks=[TuneReportCallback()], marks=(("MLflow run", entered), ("trainer", created)),
-                 first_eval_dir=storage.join(plan.trials_dir, FIRST_EVAL_DIR))
-    tune.report({**(result.metrics or {}), COMPLETED: True,
-                 "checkpoint_path": stored_checkpoint(result, plan.trials_dir), "mlflow_run_id": tracker.target.run_id})
+    run = (cfg, plan.model_ref, plan.data, tracker.target, f"trial-{trial_id}", plan.trials_dir)
+    shared = {"marks": (("MLflow run", entered), ("trainer", created)),
+              "first_eval_dir": storage.join(plan.trials_dir, FIRST_EVAL_DIR)}
+    if runs_in_process(plan.config):
+        metrics, checkpoint = fit_in_process(*run, listener=lambda reported, _: tune.report(reported), **shared)
+    else:
+        result = fit(*run, callbacks=[TuneReportCallback()], **shared)
+        metrics, checkpoint = result.metrics or {}, stored_checkpoint(result, plan.trials_dir)
+    tune.report({**metrics, COMPLETED: True, "checkpoint_path": checkpoint, "mlflow_run_id": tracker.target.run_id})
 
 
 def trainable(plan: TrialPlan):
-    """`run_trial` with the plan bound, as Tune runs it (the search's Tuner and the confirmation's)."""
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": TRIAL_CPUS})
+    """`run_trial` with the plan bound, as Tune runs it (the search's Tuner and the confirmation's).
+    A trial that trains in its own process reserves its rank's resources too."""
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), trial_resources(plan.config))
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial's driver reserves: a sliver of CPU to wait on its TorchTrainer (whose workers
+    Ray Train reserves), or its rank's bundle as well when it trains in its own process."""
+    from pipeline.train import runs_in_process, worker_bundle
+
+    if not runs_in_process(cfg):
+        return {"CPU": TRIAL_CPUS}
+    bundle = worker_bundle(cfg)
+    return {**bundle, "CPU": bundle["CPU"] + TRIAL_CPUS}
 
 
 class TrialRunStatus(tune.Callback):
