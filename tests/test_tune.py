@@ -248,7 +248,9 @@ def test_sweep_report_csv_plots_and_registered_model(sweep):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_and_completes(tmp_path):
-    overrides = sweep_overrides(tmp_path) + ["sweep.num_samples=2", "sweep.max_concurrent_trials=1",
+    # Two workers per trial: these trials run a TorchTrainer (the fixture's one-rank trials train in
+    # their own process), so the Train path of a trial, its restore included, is covered here.
+    overrides = sweep_overrides(tmp_path) + ["train.num_workers=2", "sweep.num_samples=2", "sweep.max_concurrent_trials=1",
                                              "sweep.name=interrupted", "tracking.log_model=false",
                                              "sweep.confirm.seeds=0"]  # the search's resume; the fixture resumes a confirmation
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
