@@ -216,7 +216,7 @@ def fit_in_process(cfg: Config, model_ref: str, data: PreparedData, run, storage
     plan = WorkerPlan(config=cfg, model_ref=model_ref, run=run, data=data,
                       run_dir=storage.join(storage.resolve(storage_location), storage_name), marks=marks,
                       first_eval_dir=first_eval_dir)
-    reporter = train_in_process(plan, listener)
+    reporter = train_in_process(plan, listener, keep=cfg.train.keep_checkpoints)
     return reporter.reports[-1], reporter.checkpoints[-1]
 
 

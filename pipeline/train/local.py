@@ -33,6 +33,7 @@ class LocalReporter:
 
     run_dir: str
     listener: Listener | None = None
+    keep: int | None = None  # the newest K checkpoints stay, as Ray Train keeps them; None: all
     reports: list[dict] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     samples_read: int = 0  # training samples read from the cache (none before the resumed tick)
@@ -46,6 +47,8 @@ class LocalReporter:
                 save(Path(directory))
                 upload_checkpoint(Path(directory), location, rank=0)
             self.checkpoints.append(location)
+            while self.keep is not None and len(self.checkpoints) > self.keep:
+                storage.delete(self.checkpoints.pop(0))
         if self.listener is not None:
             self.listener(dict(metrics), location)
 
@@ -56,12 +59,13 @@ def runs_in_process(cfg) -> bool:
     return t.num_workers == 1 and t.min_workers is None and not t.use_gpu
 
 
-def train_in_process(plan: WorkerPlan, listener: Listener | None = None) -> LocalReporter:
-    """Train `plan` as a single rank in this process; the reports and checkpoints it made."""
+def train_in_process(plan: WorkerPlan, listener: Listener | None = None, keep: int | None = None) -> LocalReporter:
+    """Train `plan` as a single rank in this process; the reports and checkpoints it made (the newest
+    `keep`, when given)."""
     if not runs_in_process(plan.config):
         raise ValueError("train_in_process runs one CPU rank: set train.num_workers=1 and train.use_gpu=false "
                          "(and train.global_batch_size to keep a multi-worker run's global batch)")
-    reporter = LocalReporter(plan.run_dir, listener)
+    reporter = LocalReporter(plan.run_dir, listener, keep)
     with _process_group():
         reporter.samples_read = run_rank(plan, rank=0, world=1, local_world=1, device=torch.device("cpu"),
                                          reporter=reporter)
