@@ -151,7 +151,9 @@ def test_sweep_with_its_storage_in_the_bucket(ray_with_s3, tiny_bucket, tmp_path
     assert {"sweep.json", "sweep-config.yaml", "report/trials.csv"} <= stored
     assert any(name.startswith("experiment_state") for name in stored)  # Tune's own state, for --resume
     trials = storage.subdirectories(f"s3://{tiny_bucket}/sweeps/bucket-sweep-trials")
-    assert len(trials) == 2
+    assert sorted(t.rsplit("/", 1)[1].startswith("trial-") for t in trials) == [False, True, True]
+    shared = [f for f in storage.list_files(f"s3://{tiny_bucket}/sweeps/bucket-sweep-trials/first-eval")]
+    assert len(shared) == 1 and shared[0].relative.endswith(".json")  # the trials' one tick-0 evaluation
     client = client_for(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny-sweep").experiment_id])
     statuses = sorted(r.info.status for r in runs)  # the parent and two trials (ASHA may stop one at tick 2)
