@@ -152,7 +152,7 @@ def test_sweep_with_its_storage_in_the_bucket(ray_with_s3, tiny_bucket, tmp_path
     assert any(name.startswith("experiment_state") for name in stored)  # Tune's own state, for --resume
     trials = storage.subdirectories(f"s3://{tiny_bucket}/sweeps/bucket-sweep-trials")
     assert sorted(t.rsplit("/", 1)[1].startswith("trial-") for t in trials) == [False, True, True]
-    shared = [f for f in storage.list_files(f"s3://{tiny_bucket}/sweeps/bucket-sweep-trials/first-eval")]
+    shared = storage.list_files(f"s3://{tiny_bucket}/sweeps/bucket-sweep-trials/first-eval")
     assert len(shared) == 1 and shared[0].relative.endswith(".json")  # the trials' one tick-0 evaluation
     client = client_for(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny-sweep").experiment_id])
