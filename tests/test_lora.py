@@ -187,7 +187,7 @@ def test_two_zero3_workers_train_and_save_the_adapter_one_worker_trains(prepared
 
     # And the two-rank checkpoint at tick 2 resumes on one rank (through DeepSpeed's universal form).
     at_two = next(p for p in outcome.checkpoint_dir.parent.glob("checkpoint_*")
-                  if (p / "pipeline_tag").read_text() == "tick-000002")
+                  if p.is_dir() and (p / "pipeline_tag").read_text() == "tick-000002")
     _, _, resumed = run_here(tmp_path, "resumed", "train.zero_stage=3", f"train.resume_from={at_two}")
     assert losses(resumed)[4] == pytest.approx(two_losses[4], rel=1e-5)
 

@@ -55,7 +55,7 @@ def test_the_loop_in_this_process_trains_what_ray_trains(two_workers, tmp_path):
 
 def test_a_two_worker_checkpoint_resumes_on_one_worker_with_the_same_losses(two_workers, tmp_path, capsys):
     at_three = next(p for p in two_workers.checkpoint_dir.parent.glob("checkpoint_*")
-                    if (p / "pipeline_tag").read_text() == "tick-000003")
+                    if p.is_dir() and (p / "pipeline_tag").read_text() == "tick-000003")
     resumed = run_training(config(tmp_path, 1, f"train.resume_from={at_three}"))
     assert "written by 2 ranks and 1 resume it" in capsys.readouterr().out
     two_losses, resumed_losses = logged_losses(two_workers), logged_losses(resumed)
