@@ -281,6 +281,7 @@ def test_interrupted_sweep_resumes_and_completes(tmp_path):
     assert client.get_run(parent_id).info.status == "KILLED"
     assert all(run.info.status != "RUNNING" for run in child_runs(RunTarget(uri, parent_id)))
 
+    _wait_for_ray_to_stop()  # the interrupted process's Ray: a new one beside it can time out starting
     resumed = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--resume", str(experiment_dir)],
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -339,6 +340,15 @@ def test_a_finished_sweep_resumed_repeats_no_run_and_keeps_its_model(sweeps):
     assert not resumed.interrupted and resumed.verdict == outcome.verdict
     assert resumed.registered == outcome.registered == "models:/tiny-sweep-best/1"  # not registered again
     assert client_for(cfg.tracking.uri).get_run(outcome.parent_run_id).info.status == "FINISHED"
+
+
+def _wait_for_ray_to_stop(timeout_s: float = 60) -> None:
+    """Until no Ray GCS server runs on this machine (this test's process runs none), at most `timeout_s`."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.info["name"] == "gcs_server" for p in psutil.process_iter(["name"])):
+        time.sleep(1)
 
 
 def _ended_trials(uri: str) -> int:
