@@ -40,10 +40,12 @@ def test_an_unreachable_server_is_a_one_line_error_within_the_timeout(tmp_path):
 def test_a_server_killed_mid_run_and_restarted_gets_every_tick(ray_session, tmp_path, no_tracking_env):
     (tmp_path / "mlflow").mkdir()
     server = MlflowServer(tmp_path / "mlflow").start()
-    ticks = 80
+    # Enough ticks that training is still going when the outage starts: the kill waits for tick 3 to
+    # reach the server's store, which can lag training by seconds on a loaded machine (80 once left 2).
+    ticks = 160
     password = f"pw-{uuid.uuid4().hex}"  # credentials in the URI, as for a server behind basic auth
     uri = server.uri.replace("http://", f"http://trainer:{password}@")
-    cfg = tiny_config(tmp_path, f"tracking.uri={uri}", f"train.max_ticks={ticks}", "train.checkpoint_every=40",
+    cfg = tiny_config(tmp_path, f"tracking.uri={uri}", f"train.max_ticks={ticks}", "train.checkpoint_every=80",
                       "train.eval_every=0", "tracking.log_model=false", "tracking.flush_timeout_s=300")
     store = client_for(server.store_uri)  # the server's own database, readable while the server is down
     outage = {}
