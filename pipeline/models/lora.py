@@ -144,6 +144,13 @@ def _module_of(parameter_name: str) -> str:
     return parameter_name.rpartition(".")[0]
 
 
+def base_weights_changed(trained: dict[str, torch.Tensor]) -> set[str]:
+    """The base model's weights (stored names) that the trained parameters change: each adapted
+    Linear's weight, and every parameter of a module trained whole."""
+    return {name.removeprefix(PREFIX).partition(".lora_")[0] + ".weight" if is_adapter(name)
+            else name.removeprefix(PREFIX) for name in trained}
+
+
 def merged_tensors(names: list[str], read_base, trained: dict[str, torch.Tensor], cfg: LoraConfig
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each base weight (by its stored name) with its adapter merged in, W + (alpha/r)·B·A, or its

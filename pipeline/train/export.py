@@ -190,12 +190,11 @@ def _whole(names: list[str], tied: set[str], weights: dict):
 
 def _lora_merged(names: list[str], weights: dict, model_ref: str, lora: LoraConfig):
     from pipeline.models import local_model
-    from pipeline.models.lora import PREFIX, is_adapter, merged_tensors
+    from pipeline.models.lora import base_weights_changed, merged_tensors
     from pipeline.models.weights import WeightFiles
 
     base = WeightFiles(local_model(model_ref))
-    adapted = {name.removeprefix(PREFIX).partition(".lora_")[0] + ".weight" for name in weights if is_adapter(name)}
-    unknown = sorted((adapted | {n.removeprefix(PREFIX) for n in weights if not is_adapter(n)}) - set(names))
+    unknown = sorted(base_weights_changed(weights) - set(names))
     missing = sorted(set(names) - set(base.tensors))
     if unknown or missing:
         raise RuntimeError(f"the LoRA checkpoint does not match the base model: trained {unknown[:5]} unknown to it, "
