@@ -165,8 +165,7 @@ class _Sweep:
                 if best is None:  # confirm.only: the noisy arm's best seed is the model to keep
                     best = confirmation.best_noisy()
                     if best is not None:
-                        self.parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma,
-                                                "best.train.lr": best.lr})
+                        self._log_best(best)
         else:
             lines.append("no confirmation (sweep.confirm.seeds: 0): the search alone does not tell whether noise helped")
         verdict = "\n".join(lines)
@@ -186,9 +185,13 @@ class _Sweep:
         with self._report() as report_dir:
             write_csv(trials, report_dir / "trials.csv")
             write_plots(trials, report_dir)
-        self.parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma, "best.train.lr": best.lr})
+        self._log_best(best)
         self.parent.log_metrics({"best_eval_loss": best.eval_loss, "trials": len(trials)}, step=0)
         return best
+
+    def _log_best(self, best) -> None:
+        """The run the sweep keeps (its model is the registered one), as the parent's `best.*` params."""
+        self.parent.log_params({"best.trial_id": best.trial_id, "best.noise.sigma": best.sigma, "best.train.lr": best.lr})
 
     def _confirm_report(self, plan):
         from pipeline.tune.confirm import confirm_report
