@@ -10,10 +10,12 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import (
+    console,
     runtime,  # noqa: F401  (sets Ray's logging environment before Ray is imported)
     storage,
 )
@@ -93,14 +95,24 @@ def load(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def command_console(args: argparse.Namespace, cfg: Config, worker_lines: bool = True):
+    """The console of a long command: ours and errors on it, library output in the full log under
+    train.output_dir/logs (on this node's disk when that is object storage)."""
+    output = cfg.train.output_dir
+    logs = storage.local_cache_root() / "logs" if storage.is_uri(output) else Path(output) / "logs"
+    name = f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    return console.session(logs / name, verbose=args.verbose, worker_lines=worker_lines)
+
+
 @command("prepare", "tokenize the corpus into the packed token cache (needs no tracking server)",
          config_arguments)
 def prepare_command(args: argparse.Namespace) -> int:
     from pipeline.data import prepare
 
     cfg = load(args)
-    _, data = prepare(cfg)
-    print(data.summary())
+    with command_console(args, cfg):
+        _, data = prepare(cfg)
+        console.echo(data.summary())
     return 0
 
 
@@ -108,8 +120,9 @@ def prepare_command(args: argparse.Namespace) -> int:
 def train_command(args: argparse.Namespace) -> int:
     from pipeline.train import run_training
 
-    outcome = run_training(load(args))
-    print(outcome.summary())
+    cfg = load(args)
+    with command_console(args, cfg):
+        console.echo(run_training(cfg).summary())
     return 0
 
 
@@ -169,14 +182,16 @@ def ui_command(args: argparse.Namespace) -> int:
 @command("tune", "sweep noise sigma and learning rate (any config paths) with Ray Tune; record it in MLflow",
          tune_arguments)
 def tune_command(args: argparse.Namespace) -> int:
-    from pipeline.tune import run_sweep
+    from pipeline.tune import run_sweep, sweep_config
 
     if bool(args.config) == bool(args.resume):
         raise ConfigError("tune: give either --config (a new sweep) or --resume SWEEP_DIR (continue one)")
     if args.resume and args.overrides:
         raise ConfigError("tune --resume: overrides cannot change a sweep that has started")
-    outcome = run_sweep(load(args)) if args.config else run_sweep(resume=args.resume)  # a path or a URI
-    print(outcome.summary())
+    cfg = sweep_config(args.resume) if args.resume else load(args)  # --resume: a path or a URI
+    with command_console(args, cfg, worker_lines=False):  # the trials' lines stay in the log
+        outcome = run_sweep(resume=args.resume) if args.resume else run_sweep(cfg)
+    console.echo(outcome.summary())
     return 130 if outcome.interrupted else 0
 
 
@@ -306,9 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (JobError, ClusterError, CheckpointError, ResourcesTimeout)):
             print(f"pipeline: {exc}", file=sys.stderr)
             return 1
-        if not isinstance(exc, TrainingFailed):
+        log = console.last_log()
+        if isinstance(exc, TrainingFailed):
+            where = f"full log: {log}" if log else "worker tracebacks are in the log above"
+            print(f"pipeline: training failed: {exc} ({where})", file=sys.stderr)
+            return 1
+        if log is None:
             raise
-        print(f"pipeline: training failed: {exc} (worker tracebacks are in the log above)", file=sys.stderr)
+        print(f"pipeline: {type(exc).__name__}: {exc} (traceback in the full log: {log})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pipeline: interrupted", file=sys.stderr)

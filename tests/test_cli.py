@@ -2,6 +2,7 @@
 the commands that start nothing (help, config-reference) in-process."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pipeline.cli import main
 from pipeline.locations import location_overrides
 
 from conftest import TINY_YAML
+from test_console import check_quiet_console
 
 CLI = [sys.executable, "-m", "pipeline"]
 
@@ -55,12 +57,16 @@ def test_prepare_train_runs_end_to_end(tmp_path):
                        tracking_uri="http://127.0.0.1:9")
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "written" in prepared.stdout and "blocks of 64" in prepared.stdout
+    assert re.search(r"^\[pipeline\] read [\d.]+/[\d.]+ MB \| .* documents \| done$", prepared.stdout, re.M)
 
     trained = run_cli(["train", "--config", str(TINY_YAML), "--debug-steps", "4", *locations(tmp_path)], tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     out = trained.stdout + trained.stderr
     assert "reused" in out  # train found the cache `prepare` wrote
     assert "tick 4/4" in out and "perplexity before" in out and "mlflow ui --backend-store-uri" in out
+    # The console holds our lines only; the library lines are in the full log it names.
+    full_log = re.search(r"^\[pipeline\] full log: (\S+)$", trained.stdout, re.M)[1]
+    check_quiet_console(out, Path(full_log).read_text())
 
     listed = run_cli(["runs", "--experiment", "tiny"], tmp_path, timeout=120)
     assert listed.returncode == 0, listed.stderr

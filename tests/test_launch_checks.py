@@ -13,6 +13,8 @@ from conftest import tiny_config
 def test_worker_failures_become_one_line_per_rank():
     error = WorkerGroupError("details", {1: RuntimeError("shard empty"), 0: ValueError("bad value\nsecond line")})
     assert describe_failure(error) == "rank 0: ValueError: second line; rank 1: RuntimeError: shard empty"
+    alike = WorkerGroupError("details", {1: FloatingPointError("loss is nan"), 0: FloatingPointError("loss is nan")})
+    assert describe_failure(alike) == "ranks 0, 1: FloatingPointError: loss is nan"
 
 
 def test_resources_the_cluster_lacks_fail_fast(ray_session, tmp_path):

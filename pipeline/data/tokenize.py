@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import console, storage
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data.corpus import BLOCKS_PER_WORKER, LIGHT_TASK_CPUS, SPLITS, SplitRule
 from pipeline.data.examples import BadExample, ExampleEncoder, Renderer, TokenizerText
@@ -213,8 +213,17 @@ def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: SavedTokeniz
     # (milliseconds each) stays small next to tokenizing it, even for tens of thousands of chunks.
     specs = ray.data.from_items([{"spec": json.dumps(chunk)} for chunk in chunks],
                                 override_num_blocks=min(len(chunks), BLOCKS_PER_WORKER * actors))
-    results = specs.map_batches(
+    tokenized = specs.map_batches(
         TokenizeChunks, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_actor,
         fn_constructor_args=(tokenizer, cfg, storage.settings(), build),
-        compute=ray.data.ActorPoolStrategy(size=actors)).take_all()
-    return sorted((json.loads(row["result"]) for row in results), key=lambda r: r["chunk"])
+        compute=ray.data.ActorPoolStrategy(size=actors))
+    # Streamed rather than taken at once, so the console can count the corpus bytes as chunks finish.
+    sizes = [sum(piece["end"] - piece["start"] for piece in chunk["pieces"]) for chunk in chunks]
+    results, read, documents = [], 0, 0
+    for row in tokenized.iter_rows():
+        result = json.loads(row["result"])
+        results.append(result)
+        read += sizes[result["chunk"]]
+        documents += sum(result["documents"].values())
+        console.progress("bytes", read, sum(sizes), [f"{len(results)}/{len(chunks)} chunks", f"{documents:,} documents"])
+    return sorted(results, key=lambda r: r["chunk"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import storage
+from pipeline import console, storage
 from pipeline.cache import cached_dir, stable_hash
 from pipeline.config import Config, LoraConfig, is_uri
 from pipeline.tracking import RunTarget
@@ -62,15 +62,20 @@ def _export_and_log(cfg: Config, checkpoint: str, model_ref: str, location: str,
     from pipeline import tracking
 
     storage.configure(cfg.storage)  # a Ray worker has the driver's settings only through the config
+    steps = ["consolidating the checkpoint into a Hugging Face model", *(["logging the model to MLflow"] if log_to else [])]
+    console.progress("export", 0, len(steps), [steps[0]])
     exported = export_model(checkpoint, model_ref, location, training_dtype(deepspeed_config(cfg.train)),
                             cfg.train.export_shard_mb * 2**20, cfg.data.chat_template, cfg.model.lora)
     if log_to is None:
+        console.progress("export", 1, 1, [f"model at {exported.location}"])
         return exported
+    console.progress("export", 1, 2, [steps[1]])
     model_uri = tracking.log_hf_model(log_to, exported.local_dir, cfg.tracking.max_new_tokens,
                                       chat=cfg.data.format == "chat")
     adapter_uri = None
     if exported.adapter_dir is not None:
         adapter_uri = tracking.log_adapter(log_to, exported.adapter_dir, model_ref)
+    console.progress("export", 2, 2, [f"model logged as {model_uri}"])
     return dataclasses.replace(exported, model_uri=model_uri, adapter_uri=adapter_uri)
 
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import storage
+from pipeline import console, storage
 from pipeline.config import Config, ConfigError
 from pipeline.data import PreparedData, prepare_data, prepare_model
 from pipeline.models.lora import check_lora
@@ -33,12 +33,13 @@ def describe_failure(error: Exception) -> str:
     failures = getattr(error, "worker_failures", None)
     if not failures:
         return str(error).strip().splitlines()[-1]
-    lines = []
+    ranks_by_error: dict[str, list[int]] = {}  # ranks that failed alike are named together
     for rank, failure in sorted(failures.items()):
         cause = getattr(failure, "cause", None) or failure
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-        lines.append(f"rank {rank}: {type(cause).__name__}: {message}")
-    return "; ".join(lines)
+        ranks_by_error.setdefault(f"{type(cause).__name__}: {message}", []).append(rank)
+    return "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {error}"
+                     for error, ranks in ranks_by_error.items())
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,7 @@ def resolve_resume(cfg: Config) -> Config:
         raise ConfigError(f"train.resume_from: {chosen} holds weights only (its optimizer state was dropped after its "
                           f"sweep); fine-tune from its exported model instead (model.source=hf_dir)")
     if skipped:
-        message = describe_fallback(chosen, skipped)
-        log.warning(message)
-        print(f"[pipeline] {message}", flush=True)
+        console.warn(describe_fallback(chosen, skipped))
     return cfg.with_overrides([f"train.resume_from={chosen}"])
 
 
@@ -144,7 +143,7 @@ def run_training(cfg: Config) -> TrainOutcome:
 
     cfg = resolve_resume(cfg)
     model_ref, data = prepare(cfg)
-    print(data.summary(), flush=True)
+    console.echo(data.summary())
     check_against_data(cfg, data)
     run_name = cfg.tracking.run_name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint})

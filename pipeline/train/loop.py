@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from pipeline.config import Config, NoiseConfig
+from pipeline.console import progress_line
 from pipeline.noise import NoiseContext, noise_context, sigma_at
 from pipeline.train.checkpoints import TAG_FILE, write_manifest
 from pipeline.train.clock import TickClock, check_ticks_agree
@@ -142,10 +143,14 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
         evaluated = (t.eval_every and clock.tick % t.eval_every == 0) or last_tick
         if evaluated:
             metrics.update(evaluate()[0])
+        _check_finite(metrics, cfg)
         if clock.tick % t.log_every == 0 or evaluated:
             check_ticks_agree(clock.tick, me.device)
             ticks.log(metrics, clock.tick)
             say(_progress_line(metrics, t.max_ticks))
+            if evaluated:
+                say(f"[pipeline] tick {clock.tick}: eval loss {metrics['eval_loss']:.4f}, "
+                    f"perplexity {metrics['eval_perplexity']:.2f}")
         checkpoint_due = (t.checkpoint_every and clock.tick % t.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
             report = {**metrics, **{f"{k}_start": v for k, v in progress.first_eval.items()}}
@@ -242,8 +247,18 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
 
 
 def _progress_line(metrics: dict, total: int) -> str:
-    line = (f"[pipeline] tick {metrics['tick']}/{total} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-            f"grad-norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s")
-    if "eval_loss" in metrics:
-        line += f" | eval loss {metrics['eval_loss']:.4f} ppl {metrics['eval_perplexity']:.2f}"
-    return line
+    """The tick's progress update (`pipeline.console` draws it as a bar on a terminal)."""
+    return progress_line("tick", metrics["tick"], total, [
+        f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}", f"grad-norm {metrics['grad_norm']:.3f}",
+        f"{metrics['tokens_per_s']:.0f} tok/s"])
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The tick's loss (the same on every rank: it is averaged over them) is nan or infinite."""
+
+
+def _check_finite(metrics: dict, cfg: Config) -> None:
+    """Stop at the first non-finite loss, on every rank at once, instead of training on nan."""
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLoss(f"the training loss is {metrics['loss']} at tick {metrics['tick']} (train.lr "
+                            f"{cfg.train.lr:g}, grad-norm {metrics['grad_norm']:.3g}): lower train.lr or check the data")

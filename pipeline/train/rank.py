@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import storage
+from pipeline import console, storage
 from pipeline.config import Config, NoiseConfig, is_uri
 from pipeline.data import PreparedData
 from pipeline.data.order import SampleOrder
@@ -126,7 +126,7 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
     cfg = plan.config.train
     torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // local_world))
     # Rank 0 alone prints, and never a credential (an error message may quote the tracking URI).
-    say = (lambda text: print(redact(text), flush=True)) if rank == 0 else (lambda text: None)
+    say = (lambda text: console.say(redact(text))) if rank == 0 else (lambda text: None)
     if resized:
         say(f"[pipeline] training on {world} of train.num_workers={configured.train.num_workers} workers: "
             f"{cfg.accum_steps} micro batches of {cfg.micro_batch_size} per rank per tick, the same global batch")

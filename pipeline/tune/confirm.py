@@ -47,6 +47,7 @@ def confirm_tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experime
     """The confirmation's Tuner; a resumed sweep that got as far as starting it restores it."""
     from ray import tune
 
+    from pipeline.tune.progress import SweepProgress
     from pipeline.tune.trial import TrialPlan, TrialRunStatus, trainable
 
     # The Train runs go beside the search's (trial ids differ between the two Tune runs).
@@ -60,7 +61,9 @@ def confirm_tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experime
         run, param_space={"arm": tune.grid_search(list(plan.arms)), "seed": tune.grid_search(list(plan.seeds))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
-                                  storage_filesystem=filesystem, callbacks=[TrialRunStatus(parent, cfg.train.max_ticks)]),
+                                  storage_filesystem=filesystem,
+                                  callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
+                                             SweepProgress("confirmation", plan.runs, cfg.train.max_ticks)]),
     )
 
 

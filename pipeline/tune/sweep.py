@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import yaml
 from pydantic import ValidationError
 
-from pipeline import storage
+from pipeline import console, storage
 from pipeline.config import Config, ConfigError, describe_error, to_yaml
 from pipeline.tracking import RunTarget, Tracker
 
@@ -93,7 +93,7 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
         storage.configure(cfg.storage)  # the sweep's own settings from here on (its state was read with the defaults)
     check_sweep(cfg)
     model_ref, data = prepare(cfg)  # once for every trial: trials read the same packed cache
-    print(data.summary(), flush=True)
+    console.echo(data.summary())
     check_against_data(cfg, data)
     concurrency = trials_at_once(cfg)  # before anything is recorded: a refused sweep leaves no parent run
     if resume is None:
@@ -146,7 +146,7 @@ class _Sweep:
             checkpoints = _checkpoints(results)
             best = self._search_report(search)
             tables.append(format_table(search))
-            print(tables[-1], flush=True)
+            console.echo(tables[-1])
         lines = [] if best is None else [f"best search trial {best.trial_id}: {settings(best)}, "
                                          f"final eval loss {best.eval_loss:.4f}"]
         if cfg.sweep.confirm.seeds:
@@ -247,6 +247,7 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
            concurrency: int):
     from ray import tune
 
+    from pipeline.tune.progress import SweepProgress
     from pipeline.tune.trial import TrialPlan, TrialRunStatus, trainable
 
     # The trials' Train runs go beside the experiment directory (Tune owns what is inside it).
@@ -264,7 +265,9 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
                                     scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
-                                  storage_filesystem=filesystem, callbacks=[TrialRunStatus(parent, cfg.train.max_ticks)]),
+                                  storage_filesystem=filesystem,
+                                  callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
+                                             SweepProgress("trial", cfg.sweep.num_samples, cfg.train.max_ticks)]),
     )
 
 
@@ -307,8 +310,8 @@ def _keep_optimizer_state_of(best_trial: str, experiment_dir: str) -> None:
                 if posixpath.basename(trial) != f"trial-{best_trial}"
                 for checkpoint in storage.subdirectories(trial) if posixpath.basename(checkpoint).startswith("checkpoint_"))
     if freed:
-        print(f"[pipeline] dropped the optimizer state of the other trials' checkpoints ({freed / 2**20:.1f} MiB); "
-              f"trial {best_trial} keeps its own", flush=True)
+        console.say(f"dropped the optimizer state of the other trials' checkpoints ({freed / 2**20:.1f} MiB); "
+                    f"trial {best_trial} keeps its own")
 
 
 def _newest_checkpoint(experiment_dir: str, trial_id: str) -> str | None:
@@ -349,6 +352,11 @@ def _save_state(experiment_dir: str, cfg: Config, parent: RunTarget) -> None:
     storage.write_text(storage.join(experiment_dir, CONFIG_FILE), to_yaml(cfg))
     storage.write_text(storage.join(experiment_dir, STATE_FILE),
                        json.dumps({"parent_run_id": parent.run_id, "tracking_uri": parent.uri}))
+
+
+def sweep_config(resume: str) -> Config:
+    """The config a sweep directory was started with (what `--resume` continues)."""
+    return _load_state(storage.resolve(str(resume)))[0]
 
 
 def _load_state(experiment_dir: str) -> tuple[Config, dict]:

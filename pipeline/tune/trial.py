@@ -105,14 +105,18 @@ class TrialRunStatus(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         target = trial_run(self.parent, trial.trial_id)
         if target is not None:
-            last = trial.last_result or {}
-            completed = bool(last.get(COMPLETED)) or last.get("tick", 0) >= self.max_ticks
-            if completed:
+            if trained_every_tick(trial, self.max_ticks):
                 set_status(target, "FINISHED")
             else:
-                set_status(target, "KILLED", "asha", stopped_at=last.get("tick"))
+                set_status(target, "KILLED", "asha", stopped_at=(trial.last_result or {}).get("tick"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         target = trial_run(self.parent, trial.trial_id)
         if target is not None:
             set_status(target, "FAILED")
+
+
+def trained_every_tick(trial, max_ticks: int) -> bool:
+    """Whether a trial Tune ended trained to its last tick (else ASHA stopped it early)."""
+    last = trial.last_result or {}
+    return bool(last.get(COMPLETED)) or last.get("tick", 0) >= max_ticks

@@ -1,0 +1,44 @@
+"""A sweep's progress on the console: trials done of all, how many run now, how many ASHA stopped,
+and the best eval loss so far (`pipeline.console` draws it as a bar on a terminal)."""
+
+from __future__ import annotations
+
+import math
+
+from ray import tune
+
+from pipeline import console
+from pipeline.tune.trial import trained_every_tick
+
+
+class SweepProgress(tune.Callback):
+    """Counted from Tune's own trial list at every event, so a resumed sweep counts its earlier
+    trials too. Module level on purpose: Tune pickles callbacks into the experiment state."""
+
+    def __init__(self, noun: str, total: int, max_ticks: int):
+        self.noun, self.total, self.max_ticks = noun, total, max_ticks
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._show(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._show(trials)
+
+    def _show(self, trials: list) -> None:
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        stopped = sum(t.status == "TERMINATED" and not trained_every_tick(t, self.max_ticks) for t in ended)
+        failed = sum(t.status == "ERROR" for t in ended)
+        fields = [f"{sum(t.status == 'RUNNING' for t in trials)} running", f"{stopped} stopped by ASHA"]
+        if failed:
+            fields.append(f"{failed} failed")
+        losses = {t.trial_id: (t.last_result or {}).get("eval_loss", math.nan) for t in trials}
+        best = min((trial_id for trial_id, loss in losses.items() if math.isfinite(loss)), key=losses.get, default=None)
+        if best is not None:
+            fields.append(f"best eval loss {losses[best]:.4f} (trial {best})")
+        console.progress(self.noun, len(ended), max(self.total, len(trials)), fields)
