@@ -6,7 +6,8 @@ import contextlib
 import logging
 import os
 
-from pipeline.config import RayConfig
+from pipeline.config import ConfigError, RayConfig
+from pipeline.ray_address import AddressError, gcs_address_of, is_job_api, reachable, use_token_auth
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,18 @@ def ensure_ray(cfg: RayConfig, dashboard: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    source, address = ("ray.address", cfg.address) if cfg.address else ("RAY_ADDRESS", os.environ.get("RAY_ADDRESS"))
     runtime_env = {"env_vars": dict(QUIET_RAY_ENV)}
     if address:
         # Inside a submitted Ray job these variables already come with the job's runtime_env (pipeline
-        # submit adds them), and Ray refuses a driver runtime_env that repeats its keys.
+        # submit adds them), and Ray refuses a driver runtime_env that repeats its keys. Its auth mode
+        # comes with the node's environment too.
         in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        ray.init(address=address, runtime_env=None if in_job else runtime_env)
+        if not in_job:
+            use_token_auth()  # an explicit address never turns token mode on in Ray 2.60; its clusters require it
+        gcs = address_to_join(address, source)
+        ray.init(address=gcs, runtime_env=None if in_job else runtime_env)
+        log.info("joined the Ray cluster at %s%s", gcs, f" (the GCS of the job API {address})" if gcs != address else "")
         return
     for name, value in ONE_MACHINE_RAY_ENV.items():  # the driver reads some of them too
         os.environ.setdefault(name, value)
@@ -51,6 +57,31 @@ def ensure_ray(cfg: RayConfig, dashboard: bool = True) -> None:
         ray.init(num_cpus=cfg.num_cpus, resources=cfg.resources or None, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  _node_ip_address=LOOPBACK, logging_level=logging.WARNING, runtime_env=runtime_env)
     log.info("started a local Ray instance bound to 127.0.0.1")
+
+
+def address_to_join(address: str, source: str) -> str:
+    """What `ray.init` joins for the address the user set in `source` (RAY_ADDRESS or ray.address):
+    a GCS address as it is, the job API (`http://HOST:8265`, which `pipeline submit|jobs` take)
+    through the GCS it names. Where that GCS cannot be found or reached (a laptop outside the
+    cluster's network), one line says what to do instead of Ray's traceback."""
+    if is_job_api(address):
+        try:
+            gcs = gcs_address_of(address)
+        except AddressError as error:
+            raise ConfigError(_cannot_join(source, address, str(error))) from None
+        if not reachable(gcs):
+            raise ConfigError(_cannot_join(source, address, f"the GCS it names, {gcs}, is not reachable from here"))
+        return gcs
+    if address != "auto" and "://" not in address and not reachable(address):
+        raise ConfigError(f"{source}={address}: no Ray GCS answers there: is the cluster up? Set RAY_ADDRESS / "
+                          f"ray.address to its GCS address (HOST:6379) or its job API (http://HOST:8265)")
+    return address
+
+
+def _cannot_join(source: str, address: str, reason: str) -> str:
+    return (f"{source}={address} is a job API and its cluster cannot be joined from here ({reason}): submit the "
+            f"command as a job (pipeline submit jobs/<spec>.yaml) or set RAY_ADDRESS / ray.address to the GCS "
+            f"address (HOST:6379)")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from pipeline.jobs.cluster import is_alive, read_state
 from pipeline.tracking.store import client_for
 
 from conftest import REPO
-from servers import MlflowServer, clean_env
+from servers import MlflowServer, clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +114,64 @@ def test_no_wait_prints_the_job_id_and_jobs_commands_follow_it(cluster):
             break
         time.sleep(2)
     assert "STOPPED" in status or "SUCCEEDED" in status, status
+
+
+# One RAY_ADDRESS for every command (issue 17, item 4): the job API form and the GCS form, each for a
+# command that joins the cluster with ray.init (`prepare`, the cheapest) and for `jobs`.
+
+def _prepare(tmp: Path, name: str, ray_address: str) -> subprocess.CompletedProcess:
+    """`pipeline prepare` on a cache of its own, so that it misses and starts Ray."""
+    return _pipeline("prepare", "--config", "configs/tiny.yaml", f"data.cache_dir={tmp / name}",
+                     env=clean_env(RAY_ADDRESS=ray_address), timeout=300)
+
+
+def _drivers(state, marker: str) -> list[str]:
+    """The cluster's job list lines (drivers that joined it included) whose entrypoint names `marker`."""
+    listed = _pipeline("jobs", "list", "--address", state.address)
+    assert listed.returncode == 0, listed.stderr
+    return [line for line in listed.stdout.splitlines() if marker in line]
+
+
+def test_prepare_with_the_job_api_in_RAY_ADDRESS_joins_the_cluster(cluster):
+    state, _, tmp = cluster
+    done = _prepare(tmp, "cache-job-api", state.address)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "data cache" in done.stdout and "Traceback" not in done.stderr
+    assert f"(the GCS of the job API {state.address})" in done.stderr
+    # It ran as a driver of this cluster, not in a local Ray of its own.
+    assert _drivers(state, str(tmp / "cache-job-api")), "prepare's driver is not in the cluster's job list"
+
+
+def test_the_gcs_address_in_RAY_ADDRESS_serves_prepare_and_jobs(cluster):
+    state, _, tmp = cluster
+    gcs = f"127.0.0.1:{state.gcs_port}"
+    done = _prepare(tmp, "cache-gcs", gcs)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert f"joined the Ray cluster at {gcs}" in done.stderr
+    listed = _pipeline("jobs", "list", env=clean_env(RAY_ADDRESS=gcs))  # the job API read from the GCS
+    assert listed.returncode == 0, listed.stderr
+    assert str(tmp / "cache-gcs") in listed.stdout
+    # HOST:PORT of the job API without the scheme still means the job API.
+    bare = _pipeline("jobs", "list", "--address", state.address.removeprefix("http://"))
+    assert bare.returncode == 0 and str(tmp / "cache-gcs") in bare.stdout, bare.stderr
+
+
+def test_a_job_api_without_a_reachable_gcs_stops_prepare_in_one_line(cluster):
+    """The tracking server is a real HTTP server that is no Ray job API: no GCS is found through it,
+    as none is from a laptop that reaches only a forwarded dashboard port."""
+    _, uri, tmp = cluster
+    done = _prepare(tmp, "cache-no-gcs", uri)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stderr.strip().splitlines() == [
+        f"pipeline: RAY_ADDRESS={uri} is a job API and its cluster cannot be joined from here ({uri} does not "
+        f"answer as a Ray job API): submit the command as a job (pipeline submit jobs/<spec>.yaml) or set "
+        f"RAY_ADDRESS / ray.address to the GCS address (HOST:6379)"]
+
+
+def test_a_gcs_address_where_nothing_answers_is_one_line():
+    dead = f"127.0.0.1:{free_port()}"
+    listed = _pipeline("jobs", "list", env=clean_env(RAY_ADDRESS=dead))
+    assert listed.returncode == 1
+    assert listed.stderr.strip().splitlines() == [
+        f"pipeline: nothing answers at {dead}: is the cluster up and the address right (its job API "
+        f"http://HOST:8265 or its GCS HOST:6379)?"]

@@ -53,9 +53,11 @@ class RayConfig(Section):
     """The Ray cluster: an existing one, or a local Ray started for the run."""
 
     address: str | None = None
-    """An existing cluster (`RAY_ADDRESS` also works); none: a local Ray with the dashboard on
-    127.0.0.1. Every node must see the caches and `train.output_dir`: single-node, or shared storage
-    (jobs set `PIPELINE_WORK_DIR`, see `jobs/README.md`)."""
+    """An existing cluster (`RAY_ADDRESS` also works): its GCS (`HOST:6379`, `auto`) or its job API
+    (`http://HOST:8265`, joined through the GCS it names; where that is unreachable, one line says to
+    submit a job instead); none: a local Ray with the dashboard on 127.0.0.1. Every node must see the
+    caches and `train.output_dir`: single-node, or shared storage (jobs set `PIPELINE_WORK_DIR`, see
+    `jobs/README.md`)."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of the local Ray; none: all cores."""
     resources: dict[str, float] = {}

@@ -8,10 +8,15 @@ missing or wrong token becomes one line instead of an HTTP traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 from pathlib import Path
 
+from pipeline.ray_address import PROBE_TIMEOUT_S, AddressError, job_api_of, reachable, use_token_auth
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 class JobError(RuntimeError):
@@ -19,22 +24,67 @@ class JobError(RuntimeError):
 
 
 def resolve_address(address: str | None) -> str:
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    """The job API URL for `--address`, else RAY_API_SERVER_ADDRESS (Ray's job CLI reads it first),
+    else RAY_ADDRESS. The same RAY_ADDRESS serves `pipeline train`, so a GCS address (HOST:6379,
+    `auto`) is taken too: its job API is read from the cluster."""
+    given = address or os.environ.get(API_SERVER_ENV) or os.environ.get("RAY_ADDRESS")
+    if not given:
         raise JobError("no cluster address: pass --address http://HOST:8265 or set RAY_ADDRESS")
-    return address if "://" in address else f"http://{address}"
+    return _job_api_for(given)
+
+
+@functools.lru_cache(maxsize=8)  # one lookup per address and process: messages name the address again
+def _job_api_for(address: str) -> str:
+    if "://" in address:
+        return address
+    if address != "auto":
+        if not reachable(address):
+            raise JobError(f"nothing answers at {address}: is the cluster up and the address right (its job API "
+                           f"http://HOST:8265 or its GCS HOST:6379)?")
+        if _answers_http(address):  # HOST:8265 without the scheme, as before
+            return f"http://{address}"
+    try:
+        return job_api_of(address)
+    except AddressError as error:
+        raise JobError(f"{address} was taken for the cluster's GCS address and names no job API ({error}): "
+                       f"pass --address or set RAY_ADDRESS to the job API (http://HOST:8265)") from None
+
+
+def _answers_http(address: str) -> bool:
+    """Whether HOST:PORT speaks HTTP (any status: a job API without a token still answers 401);
+    a GCS speaks gRPC and drops the request."""
+    import requests
+
+    try:
+        requests.get(f"http://{address}/api/version", timeout=PROBE_TIMEOUT_S)
+    except requests.RequestException:
+        return False
+    return True
 
 
 def job_client(address: str | None):
     """A JobSubmissionClient for the cluster, with token auth, or a JobError naming the problem."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's client only sends a token in token mode
+    use_token_auth()  # Ray's client only sends a token in token mode
     from ray.job_submission import JobSubmissionClient
 
     address = resolve_address(address)
     try:
-        return JobSubmissionClient(address)
+        with _address_as_given():
+            return JobSubmissionClient(address)
     except Exception as error:  # noqa: BLE001 - Ray raises plain exceptions carrying the HTTP status in the text
         raise JobError(_explain(error, address)) from None
+
+
+@contextlib.contextmanager
+def _address_as_given():
+    """Ray's submission and state clients replace the address they are given with
+    RAY_API_SERVER_ADDRESS or RAY_ADDRESS when either is set. The address is resolved here already
+    (`--address` first), so both are hidden while a client is built."""
+    saved = {name: os.environ.pop(name) for name in (API_SERVER_ENV, "RAY_ADDRESS") if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _explain(error: Exception, address: str) -> str:
@@ -49,10 +99,12 @@ def _explain(error: Exception, address: str) -> str:
 
 def cluster_nodes(address: str) -> int:
     """How many alive nodes the cluster behind `address` has (used to wait for a local cluster)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # read when ray is first imported
+    use_token_auth()
     from ray.util.state import list_nodes
 
-    return sum(node.state == "ALIVE" for node in list_nodes(address=address, timeout=5, raise_on_missing_output=False))
+    with _address_as_given():
+        nodes = list_nodes(address=address, timeout=5, raise_on_missing_output=False)
+    return sum(node.state == "ALIVE" for node in nodes)
 
 
 def submit(spec_path: Path, address: str | None, overrides: list[str], wait: bool = True) -> tuple[str, int]:
