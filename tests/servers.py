@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -42,6 +44,11 @@ def wait_for_health(uri: str, process: subprocess.Popen, within_s: float, hint: 
     raise TimeoutError(f"{uri}{path} did not answer within {within_s:g} s")
 
 
+def tags(record: dict) -> dict[str, str]:
+    """The `tags` of an experiment, run data, input or logged model as the REST API returns them."""
+    return {tag["key"]: tag["value"] for tag in record.get("tags", [])}
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a sqlite store in `root`; restartable on the same port and store."""
 
@@ -64,6 +71,26 @@ class MlflowServer:
             self.stop()
             raise
         return self
+
+    def api(self, path: str, body: dict | None = None, timeout_s: float = 30) -> dict:
+        """One call to the REST API the UI reads (`experiments/get?...`, `runs/search`): GET, or
+        POST with a JSON `body`."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.uri}/api/2.0/mlflow/{path}", data=data,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read())
+
+    def ui_records(self, experiment: str) -> tuple[dict, list[dict], list[dict]]:
+        """An experiment as the UI loads it: the experiment, its runs, and the logged models of
+        its Models column, from the calls the UI's bundle makes (experiments/get, runs/search,
+        logged-models/search)."""
+        found = self.api(f"experiments/get-by-name?experiment_name={urllib.parse.quote(experiment)}")
+        experiment_id = found["experiment"]["experiment_id"]
+        record = self.api(f"experiments/get?experiment_id={experiment_id}")["experiment"]
+        runs = self.api("runs/search", {"experiment_ids": [experiment_id], "max_results": 1000}).get("runs", [])
+        models = self.api("logged-models/search", {"experiment_ids": [experiment_id]}).get("models", [])
+        return record, runs, models
 
     def kill(self) -> None:
         """A crash: SIGKILL to the server's whole process group, no shutdown."""

@@ -1,12 +1,14 @@
 """Ray Tune sweeps: the search space (fast), a real 4-trial sweep with ASHA and MLflow nesting, and a
 sweep interrupted with Ctrl-C and resumed (slow, real processes on 127.0.0.1)."""
 
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -22,6 +24,7 @@ from pipeline.tune.paired import COMPARISONS, pair_up, plot_pairs
 from pipeline.tune.space import ZERO_SHARE, check_space, effective_space, trial_values, tune_space
 
 from conftest import REPO
+from servers import MlflowServer, tags
 
 SWEEP_YAML = REPO / "configs" / "sweep-tiny.yaml"
 # The first trial (σ = 0, lr 2e-2) learns fastest; the searcher's other lr value, 1e-4, barely
@@ -340,6 +343,44 @@ def test_a_finished_sweep_resumed_repeats_no_run_and_keeps_its_model(sweeps):
     assert not resumed.interrupted and resumed.verdict == outcome.verdict
     assert resumed.registered == outcome.registered == "models:/tiny-sweep-best/1"  # not registered again
     assert client_for(cfg.tracking.uri).get_run(outcome.parent_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_the_ui_files_the_sweep_and_its_trials_as_training_runs(sweeps):
+    """The sweep's store through a tracking server, read as the UI reads it (test_mlflow_ui.py has
+    the `pipeline train` side): parent and trials carry model outputs (not "Evaluation runs"),
+    the packed dataset, and `pipeline tune` as their source; each trial's model names its checkpoints."""
+    cfg, outcome = sweeps["search"]
+    server = MlflowServer(Path(cfg.tracking.uri.removeprefix("sqlite:///")).parent).start()
+    try:
+        experiment, runs, models = server.ui_records(cfg.tracking.experiment)
+    finally:
+        server.stop()
+    assert tags(experiment)["mlflow.experimentKind"] == "custom_model_development"
+    [parent] = [run for run in runs if run["info"]["run_id"] == outcome.parent_run_id]
+    children = [run for run in runs if tags(run["data"]).get("mlflow.parentRunId") == outcome.parent_run_id]
+    assert len(children) == cfg.sweep.num_samples + 4
+    model_of = {model["info"]["source_run_id"]: model["info"] for model in models}
+    for run in [parent, *children]:
+        assert tags(run["data"])["mlflow.source.name"] == "pipeline tune"
+        [dataset] = [d["dataset"] for d in run["inputs"]["dataset_inputs"]]
+        location = Path(json.loads(dataset["source"])["uri"])
+        assert dataset["digest"] == location.name and location.parent == Path(cfg.data.cache_dir)
+    trial_models = set()
+    for child in children:
+        model = model_of[child["info"]["run_id"]]
+        assert child["outputs"]["model_outputs"] == [{"model_id": model["model_id"], "step": 0}]
+        # Every trial here ran to its end or was stopped by ASHA: it trained, its checkpoints stay.
+        assert model["status"] == "LOGGED_MODEL_READY"
+        trial = tags(child["data"])[TRIAL_TAG]
+        assert tags(model)["pipeline.checkpoints"].endswith(f"-trials/trial-{trial}")
+        trial_models.add(model["model_id"])
+    assert {output["model_id"] for output in parent["outputs"]["model_outputs"]} == trial_models
+    # The registered model is the best trial's declared one, filled in by mlflow.transformers.
+    source = client_for(cfg.tracking.uri).get_model_version("tiny-sweep-best", "1").source
+    best = client_for(cfg.tracking.uri).get_run(outcome.parent_run_id).data.params["best.trial_id"]
+    [best_run] = [child for child in children if tags(child["data"])[TRIAL_TAG] == best]
+    assert source == f"models:/{model_of[best_run['info']['run_id']]['model_id']}"
 
 
 def _wait_for_ray_to_stop(timeout_s: float = 60) -> None:

@@ -16,6 +16,7 @@ from pipeline.tracking.store import (
     start_run,
     tracking_uri,
 )
+from pipeline.tracking.ui import ModelPlan, run_page_url
 
-__all__ = ["NullTracker", "RunTarget", "RunTracker", "Tracker", "TrackingUnreachable", "check_reachable", "format_runs",
-           "load_pyfunc", "log_adapter", "log_hf_model", "recent_runs", "run_status", "set_status", "start_run", "tracking_uri"]
+__all__ = ["ModelPlan", "NullTracker", "RunTarget", "RunTracker", "Tracker", "TrackingUnreachable", "check_reachable", "format_runs",
+           "load_pyfunc", "log_adapter", "log_hf_model", "recent_runs", "run_page_url", "run_status", "set_status", "start_run", "tracking_uri"]

@@ -13,11 +13,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.config import Config, ConfigError, to_yaml
 from pipeline.raw_config import flatten
+from pipeline.tracking import ui
 from pipeline.tracking.secrets import redact
+
+if TYPE_CHECKING:
+    from pipeline.data import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -198,17 +202,29 @@ def check_reachable(uri: str, timeout_s: float) -> None:
                               f"({reason}); start it, or point tracking.uri / MLFLOW_TRACKING_URI elsewhere")
 
 
-def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> Tracker:
-    """Create the run, log the flattened config as params and the resolved YAML as an artifact."""
+def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, *, command: str = "pipeline",
+              data: PreparedData | None = None, model: ui.ModelPlan | None = None) -> Tracker:
+    """Create the run, log the flattened config as params and the resolved YAML as an artifact.
+    `command` (`pipeline train`) is its source; `data`, the packed dataset, its dataset input;
+    `model`: the model it trains, declared now (`ui.declare_model`), so the UI files the run under
+    training runs from its start, not from when (if ever) the model is logged."""
     uri = tracking_uri(cfg.tracking.uri)
     client = client_for(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (experiment.experiment_id if experiment else
-                     client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(uri)))
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+    if experiment is None:
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_location(uri),
+                                                 tags={ui.EXPERIMENT_KIND_TAG: ui.MODEL_TRAINING})
+    else:
+        experiment_id = experiment.experiment_id
+        ui.mark_model_training(client, experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**ui.source_tags(command), **(tags or {})})
     tracker = Tracker(RunTarget(uri, run.info.run_id))
     tracker.log_params(flatten(cfg))
     tracker.log_text(to_yaml(cfg), "config.yaml")
+    if data is not None:
+        client.log_inputs(run.info.run_id, datasets=[ui.dataset_input(data, cfg.data.path)])
+    if model is not None:
+        ui.declare_model(client, experiment_id, run.info.run_id, model)
     return tracker
 
 
@@ -221,6 +237,7 @@ def set_status(target: RunTarget, status: str, stopped_by: str | None = None, st
         client.set_tag(target.run_id, STOPPED_TAG, stopped_by)
     if stopped_at is not None:
         client.set_tag(target.run_id, STOPPED_AT_TAG, str(stopped_at))
+    ui.finish_model(client, target.run_id, status, stopped_by)
     client.set_terminated(target.run_id, status=status)
 
 
@@ -261,18 +278,23 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
 def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int, chat: bool = False) -> str:
     """Log a saved HF directory with mlflow.transformers so mlflow.pyfunc.load_model can serve it
     (`chat`: it answers {"messages": [...]} through its chat template, OpenAI-style). It is logged as
-    a local checkpoint: its files are copied, the model is never loaded here."""
+    a local checkpoint: its files are copied, the model is never loaded here. It fills the model the
+    run declared, if it did (one model per run in the UI, PENDING until now)."""
     import mlflow
     import transformers
 
     # pip_requirements is given explicitly: MLflow's inference of them imports torchvision,
     # which is not installed (and not needed) here.
     requirements = [f"transformers=={transformers.__version__}", "torch", "accelerate", "tokenizers"]
-    with using_tracking_uri(target.uri), mlflow.start_run(run_id=target.run_id), _pipeline_classes_resolved():
+    model_id = ui.declared_model(client_for(target.uri), target.run_id)
+    # A declared model is the run's output already: logged inside the run, MLflow would link it
+    # again, which the store refuses (the link is a unique key). Outside it, only its files go up.
+    in_run = contextlib.nullcontext() if model_id else mlflow.start_run(run_id=target.run_id)
+    with using_tracking_uri(target.uri), in_run, _pipeline_classes_resolved():
         info = mlflow.transformers.log_model(
             transformers_model=str(model_dir), name="model", task="llm/v1/chat" if chat else "text-generation",
             pip_requirements=requirements,
-            model_config={"max_new_tokens": max_new_tokens})
+            model_config={"max_new_tokens": max_new_tokens}, model_id=model_id)
     return info.model_uri
 
 

@@ -7,8 +7,10 @@ Children carry the standard `mlflow.parentRunId` tag (the MLflow UI nests them) 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config
+from pipeline.tracking import ui
 from pipeline.tracking.store import RunTarget, Tracker, client_for, set_status, start_run, using_tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -17,6 +19,9 @@ ROLE_TAG = "pipeline.role"  # sweep (the parent) | trial
 PHASE_TAG = "pipeline.phase"  # a trial's: search (Tune's search with ASHA) | confirm (the paired re-runs)
 ARM_TAG = "pipeline.confirm.arm"  # a confirmation run's arm (noisy | zero | neftune) and seed k
 SEED_TAG = "pipeline.confirm.seed"
+
+if TYPE_CHECKING:
+    from pipeline.data import PreparedData
 
 
 def child_runs(target: RunTarget) -> list:
@@ -36,13 +41,18 @@ def trial_run(parent: RunTarget, trial_id: str) -> RunTarget | None:
 
 
 def start_trial_run(cfg: Config, parent: RunTarget, trial_id: str, run_name: str, phase: str = "search",
-                    tags: dict[str, str] | None = None) -> Tracker:
-    """Find the trial's child run (and mark it running again) or create it, nested under the parent."""
+                    tags: dict[str, str] | None = None, data: PreparedData | None = None,
+                    checkpoints: str | None = None) -> Tracker:
+    """Find the trial's child run (and mark it running again) or create it, nested under the parent.
+    A new one declares the model the trial trains, whose `checkpoints` (the trial's Train run
+    directory) stay outside MLflow, as an output of the trial and of the parent: the UI then files
+    both under training runs."""
     existing = trial_run(parent, trial_id)
     if existing is not None:
         return reopen_run(existing)
+    model = ui.ModelPlan(tags={ui.CHECKPOINTS_TAG: checkpoints} if checkpoints else {}, also_output_of=parent.run_id)
     return start_run(cfg, run_name, tags={PARENT_TAG: parent.run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial",
-                                          PHASE_TAG: phase, **(tags or {})})
+                                          PHASE_TAG: phase, **(tags or {})}, command="pipeline tune", data=data, model=model)
 
 
 def phase_of(run) -> str:

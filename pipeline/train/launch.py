@@ -146,7 +146,8 @@ def run_training(cfg: Config) -> TrainOutcome:
     console.echo(data.summary())
     check_against_data(cfg, data)
     run_name = cfg.tracking.run_name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint})
+    tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint}, command="pipeline train",
+                                 data=data, model=tracking.ModelPlan() if cfg.tracking.log_model else None)
     # Ray Train resumes a run whose name it finds in storage, and run names repeat (a fixed
     # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"

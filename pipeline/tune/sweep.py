@@ -99,7 +99,7 @@ def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutc
     if resume is None:
         name = cfg.sweep.name or f"{cfg.tracking.experiment}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         experiment_dir = storage.join(storage.resolve(cfg.sweep.storage_dir), name)
-        parent = tracking.start_run(cfg, name, tags={"pipeline.role": "sweep"})
+        parent = tracking.start_run(cfg, name, tags={"pipeline.role": "sweep"}, command="pipeline tune", data=data)
         _save_state(experiment_dir, cfg, parent.target)
     else:
         parent = reopen_run(RunTarget(state["tracking_uri"], state["parent_run_id"]))

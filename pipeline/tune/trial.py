@@ -50,14 +50,15 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
     entered = time.time()  # the trial's start-up line begins here (`train.startup`)
     storage.configure(plan.config.storage)  # a trial driver is a process of its own
     trial_id = tune.get_context().get_trial_id()
+    recorded = {"data": plan.data, "checkpoints": storage.join(plan.trials_dir, f"trial-{trial_id}")}  # in its run
     if plan.confirm is None:
         cfg = plan.config.with_overrides(trial_overrides(params))
-        tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}")
+        tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"trial-{trial_id}", **recorded)
     else:
         arm, seed = params["arm"], params["seed"]
         cfg = plan.config.with_overrides(plan.confirm.overrides(arm, seed))
         tracker = start_trial_run(cfg, plan.parent, trial_id, run_name=f"confirm-{arm}-seed{seed}", phase="confirm",
-                                  tags={ARM_TAG: arm, SEED_TAG: str(seed)})
+                                  tags={ARM_TAG: arm, SEED_TAG: str(seed)}, **recorded)
     created = time.time()
     # The Train run is named after the trial: a trial restarted by `pipeline tune --resume` finds
     # its own checkpoints there and continues from them.
