@@ -4,6 +4,7 @@ sweep interrupted with Ctrl-C and resumed (slow, real processes on 127.0.0.1).""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from pipeline.tune.space import ZERO_SHARE, check_space, effective_space, trial_
 
 from conftest import REPO
 from servers import MlflowServer, tags
+from test_console import library_lines
 
 SWEEP_YAML = REPO / "configs" / "sweep-tiny.yaml"
 # The first trial (σ = 0, lr 2e-2) learns fastest; the searcher's other lr value, 1e-4, barely
@@ -288,6 +290,11 @@ def test_interrupted_sweep_resumes_and_completes(tmp_path):
     resumed = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--resume", str(experiment_dir)],
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # The console shows the sweep's progress (both trials, the first one's from before the interrupt)
+    # and none of Ray Tune's tables or the trials' library lines.
+    assert re.search(r"^\[pipeline\] trial 2/2 \| 0 running \| .*best eval loss [\d.]+ \(trial \w+\) \| done$",
+                     resumed.stdout, re.M), resumed.stdout[-3000:]
+    assert library_lines(resumed.stdout + resumed.stderr) == []
     children = child_runs(RunTarget(uri, parent_id))
     trial_ids = {run.data.tags["pipeline.trial_id"] for run in children}
     assert len(trial_ids) == 2 and len(children) == 2

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from pipeline.tracking.store import client_for
+from pipeline.tracking.store import RunTarget, client_for
+from pipeline.tracking.ui import run_page_url
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `pipeline ui` serves a local store by default
+
+
+def run_page(target: RunTarget) -> str:
+    """The run's page in the UI, opened in Model training: on its tracking server, or where
+    `pipeline ui` serves a local store."""
+    experiment_id = client_for(target.uri).get_run(target.run_id).info.experiment_id
+    return (run_page_url(target.uri, experiment_id, target.run_id)
+            or run_page_url(LOCAL_UI, experiment_id, target.run_id))
 
 
 def recent_runs(uri: str, experiment: str, limit: int = 20) -> list[dict]:

@@ -54,6 +54,7 @@ class TrainOutcome:
     checkpoint: str  # the final checkpoint's location (local path or URI)
     adapter_location: str | None = None  # under LoRA: the peft adapter directory
     adapter_uri: str | None = None
+    run_page: str = ""  # the run's page in the MLflow UI (Model training view)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -68,7 +69,9 @@ class TrainOutcome:
             f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
                                                if self.model_location != str(self.model_dir) else ""),
             f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
-            f"  browse: mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 --port 5000",
+            f"  browse: {self.run_page}" if self.tracking_uri.startswith(("http://", "https://")) else
+            f"  browse: pipeline ui (mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 "
+            f"--port 5000), then {self.run_page}",
         ]
         if self.adapter_location:
             lines.append(f"adapter: {self.adapter_location} (LoRA; the model above has it merged in)")
@@ -164,7 +167,7 @@ def run_training(cfg: Config) -> TrainOutcome:
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
                         metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
                         model_uri=model.model_uri, checkpoint=checkpoint, adapter_location=model.adapter_location,
-                        adapter_uri=model.adapter_uri)
+                        adapter_uri=model.adapter_uri, run_page=tracking.run_page(tracker.target))
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None, marks: tuple[tuple[str, float], ...] = (), first_eval_dir: str | None = None):
