@@ -24,6 +24,10 @@ def run_cli(args, tmp_path, timeout=600, tracking_uri=None):
     return subprocess.run(CLI + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def full_log(done: subprocess.CompletedProcess) -> Path:
+    return Path(re.search(r"^\[pipeline\] full log: (\S+)$", done.stdout, re.M)[1])
+
+
 def locations(tmp_path):
     # The tracking store comes from MLFLOW_TRACKING_URI (set by run_cli), which overrides the config's.
     return location_overrides(tmp_path)
@@ -58,6 +62,8 @@ def test_prepare_train_runs_end_to_end(tmp_path):
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     assert "written" in prepared.stdout and "blocks of 64" in prepared.stdout
     assert re.search(r"^\[pipeline\] read [\d.]+/[\d.]+ MB \| .* documents \| done$", prepared.stdout, re.M)
+    check_quiet_console(prepared.stdout + prepared.stderr, full_log(prepared).read_text(),
+                        library=("Execution plan of Dataset", "Token authentication is enabled"))
 
     trained = run_cli(["train", "--config", str(TINY_YAML), "--debug-steps", "4", *locations(tmp_path)], tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -65,8 +71,9 @@ def test_prepare_train_runs_end_to_end(tmp_path):
     assert "reused" in out  # train found the cache `prepare` wrote
     assert "tick 4/4" in out and "perplexity before" in out and "mlflow ui --backend-store-uri" in out
     # The console holds our lines only; the library lines are in the full log it names.
-    full_log = re.search(r"^\[pipeline\] full log: (\S+)$", trained.stdout, re.M)[1]
-    check_quiet_console(out, Path(full_log).read_text())
+    assert re.search(r"^\[pipeline\] tick \d+/\d+ \| loss ", out, re.M)
+    check_quiet_console(out, full_log(trained).read_text(),
+                        library=("Setting accelerator to CPU", "(TrainController) ", "Reporting training result"))
 
     listed = run_cli(["runs", "--experiment", "tiny"], tmp_path, timeout=120)
     assert listed.returncode == 0, listed.stderr

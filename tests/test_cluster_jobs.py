@@ -137,7 +137,7 @@ def test_prepare_with_the_job_api_in_RAY_ADDRESS_joins_the_cluster(cluster):
     done = _prepare(tmp, "cache-job-api", state.address)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "data cache" in done.stdout and "Traceback" not in done.stderr
-    assert f"(the GCS of the job API {state.address})" in done.stderr
+    assert f"(the GCS of the job API {state.address})" in done.stdout  # one of our lines, on the console
     # It ran as a driver of this cluster, not in a local Ray of its own.
     assert _drivers(state, str(tmp / "cache-job-api")), "prepare's driver is not in the cluster's job list"
 
@@ -147,7 +147,7 @@ def test_the_gcs_address_in_RAY_ADDRESS_serves_prepare_and_jobs(cluster):
     gcs = f"127.0.0.1:{state.gcs_port}"
     done = _prepare(tmp, "cache-gcs", gcs)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert f"joined the Ray cluster at {gcs}" in done.stderr
+    assert f"[pipeline] joined the Ray cluster at {gcs}" in done.stdout
     listed = _pipeline("jobs", "list", env=clean_env(RAY_ADDRESS=gcs))  # the job API read from the GCS
     assert listed.returncode == 0, listed.stderr
     assert str(tmp / "cache-gcs") in listed.stdout

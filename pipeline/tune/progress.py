@@ -24,17 +24,21 @@ class SweepProgress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._show(trials)
 
+    # Tune calls these before it changes the trial's status: the trial is counted as it will be.
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._show(trials)
+        self._show(trials, ending=(trial, "TERMINATED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._show(trials)
+        self._show(trials, ending=(trial, "ERROR"))
 
-    def _show(self, trials: list) -> None:
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        stopped = sum(t.status == "TERMINATED" and not trained_every_tick(t, self.max_ticks) for t in ended)
-        failed = sum(t.status == "ERROR" for t in ended)
-        fields = [f"{sum(t.status == 'RUNNING' for t in trials)} running", f"{stopped} stopped by ASHA"]
+    def _show(self, trials: list, ending: tuple | None = None) -> None:
+        status = {t.trial_id: t.status for t in trials}
+        if ending is not None:
+            status[ending[0].trial_id] = ending[1]
+        ended = [t for t in trials if status[t.trial_id] in ("TERMINATED", "ERROR")]
+        stopped = sum(status[t.trial_id] == "TERMINATED" and not trained_every_tick(t, self.max_ticks) for t in ended)
+        failed = sum(status[t.trial_id] == "ERROR" for t in ended)
+        fields = [f"{sum(s == 'RUNNING' for s in status.values())} running", f"{stopped} stopped by ASHA"]
         if failed:
             fields.append(f"{failed} failed")
         losses = {t.trial_id: (t.last_result or {}).get("eval_loss", math.nan) for t in trials}
