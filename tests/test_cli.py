@@ -63,7 +63,7 @@ def test_prepare_train_runs_end_to_end(tmp_path):
     assert "written" in prepared.stdout and "blocks of 64" in prepared.stdout
     assert re.search(r"^\[pipeline\] read [\d.]+/[\d.]+ MB \| .* documents \| done$", prepared.stdout, re.M)
     check_quiet_console(prepared.stdout + prepared.stderr, full_log(prepared).read_text(),
-                        library=("Execution plan of Dataset", "Token authentication is enabled"))
+                        library=("Execution plan of Dataset", "Setting accelerator to CPU"))
 
     trained = run_cli(["train", "--config", str(TINY_YAML), "--debug-steps", "4", *locations(tmp_path)], tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]

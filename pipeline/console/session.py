@@ -51,7 +51,7 @@ class Session:
         sys.stdout = io.TextIOWrapper(io.FileIO(os.dup(1), "w"), encoding="utf-8", errors="replace", line_buffering=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(2), "w"), encoding="utf-8", errors="replace", line_buffering=True)
         threading.Thread(target=self._pump, args=(read_end,), name="pipeline-console", daemon=True).start()
-        self._handlers = _route_logging(self, verbose)
+        self._handlers, self._replaced_handlers = _route_logging(self, verbose)
         if _has_fd(err):
             faulthandler.enable(file=err)
 
@@ -64,7 +64,10 @@ class Session:
                 break
             *complete, pending = (pending + chunk).split(b"\n")
             for raw in complete:
-                self._route(classify(raw.decode("utf-8", errors="replace")))
+                try:
+                    self._route(classify(raw.decode("utf-8", errors="replace")))
+                except Exception:  # noqa: BLE001 - a closed console must not stop the draining: writers would block
+                    self._write_log(raw.decode("utf-8", errors="replace"))
         os.close(read_end)
 
     def _route(self, line: Line) -> None:
@@ -105,6 +108,8 @@ class Session:
         self._flushed.wait(_FLUSH_WAIT_S)
         for handler in self._handlers:
             logging.getLogger().removeHandler(handler)
+        for handler in self._replaced_handlers:
+            logging.getLogger().addHandler(handler)
         self.display.close()
         replaced = (sys.stdout, sys.stderr)
         os.dup2(self._saved_fds[0], 1)
@@ -139,9 +144,11 @@ class _ConsoleHandler(logging.Handler):
             self.session.display.line(f"{record.name}: {message}  [full log: {self.session.log_path}]", error=True)
 
 
-def _route_logging(session: Session, verbose: bool) -> list[logging.Handler]:
+def _route_logging(session: Session, verbose: bool) -> tuple[list[logging.Handler], list[logging.Handler]]:
+    """(the handlers added, the root's handlers they replace for the session: a basicConfig from before)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):  # a basicConfig from before: the console is ours now
+    replaced = list(root.handlers)
+    for handler in replaced:
         root.removeHandler(handler)
     level = os.environ.get(LOG_LEVEL_ENV, "DEBUG" if verbose else "INFO").upper()
     root.setLevel(level)
@@ -155,7 +162,7 @@ def _route_logging(session: Session, verbose: bool) -> list[logging.Handler]:
     for handler in handlers:
         root.addHandler(handler)
     logging.captureWarnings(True)  # Python warnings become records: in the log, not on the console
-    return handlers
+    return handlers, replaced
 
 
 def _console_stream(stream: TextIO, fd: int) -> TextIO:
