@@ -86,7 +86,7 @@ SCRIPT = textwrap.dedent("""
     import logging, os, sys, warnings
     from pathlib import Path
     from pipeline import console
-    with console.session(Path(sys.argv[1])):
+    with console.session(Path(sys.argv[1]), verbose=sys.argv[2] == "verbose"):
         os.write(2, b"[2026-12-02 14:47:58,351 E 12 34] core_worker.cc:77: the GCS is gone\\n")  # C level, fd 2
         print("(TrainController pid=3) Requesting resources: {'CPU': 0.5} * 2")
         logging.getLogger("ray.data").warning("Execution plan of Dataset ...")
@@ -100,8 +100,8 @@ SCRIPT = textwrap.dedent("""
 
 def test_the_console_shows_ours_and_errors_and_the_log_keeps_everything(tmp_path):
     log = tmp_path / "full.log"
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(log)], capture_output=True, text=True, timeout=60,
-                          cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(log), "quiet"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     shown = done.stdout.splitlines()
     assert (shown[0], shown[-1]) == (f"[pipeline] full log: {log}", "after the session")
@@ -112,6 +112,17 @@ def test_the_console_shows_ours_and_errors_and_the_log_keeps_everything(tmp_path
     kept = log.read_text()
     for library_line in ("(TrainController) Requesting resources", "Execution plan of Dataset", "UserWarning: deprecated"):
         assert library_line in kept
+
+
+def test_verbose_shows_every_line_again(tmp_path):
+    log = tmp_path / "full.log"
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(log), "verbose"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    for library_line in ("(TrainController) Requesting resources", "WARNING ray.data: Execution plan of Dataset",
+                         "core_worker.cc:77: the GCS is gone", "UserWarning: deprecated thing"):
+        assert library_line in done.stdout, done.stdout
+    assert "(TrainController) Requesting resources" in log.read_text()  # and the log keeps them all the same
 
 
 def library_lines(text: str) -> list[str]:
