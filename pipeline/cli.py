@@ -222,7 +222,8 @@ def reference_command(args: argparse.Namespace) -> int:
 
 
 def address_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", help="the cluster's job API, http://HOST:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument("--address", help="the cluster's job API, http://HOST:8265, or its GCS address, HOST:6379 "
+                                          "(default: $RAY_ADDRESS)")
 
 
 def submit_arguments(parser: argparse.ArgumentParser) -> None:
