@@ -30,7 +30,10 @@ class _Step:
     bar: int | None = None  # rich's task id
     done: int = 0
     fields: str = ""
-    finished: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
 
     def eta(self, now: float) -> str:
         moved = self.done - self.first_done
@@ -91,7 +94,6 @@ class Display:
             if step is None or step.finished or update.done < step.done:  # a new run of that step
                 step = self.steps[update.noun] = _Step(update.noun, update.total, update.done, now)
             step.done, step.total, step.fields = update.done, update.total, update.fields
-            step.finished = update.done >= update.total
             self._log(step.plain(now))
             if self.bars is not None:
                 self._draw(step, now)

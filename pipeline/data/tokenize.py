@@ -219,11 +219,11 @@ def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: SavedTokeniz
         compute=ray.data.ActorPoolStrategy(size=actors))
     # Streamed rather than taken at once, so the console can count the corpus bytes as chunks finish.
     sizes = [sum(piece["end"] - piece["start"] for piece in chunk["pieces"]) for chunk in chunks]
-    results, read, documents = [], 0, 0
+    total, results, read, documents = sum(sizes), [], 0, 0
     for row in tokenized.iter_rows():
         result = json.loads(row["result"])
         results.append(result)
         read += sizes[result["chunk"]]
         documents += sum(result["documents"].values())
-        console.progress("bytes", read, sum(sizes), [f"{len(results)}/{len(chunks)} chunks", f"{documents:,} documents"])
+        console.progress("bytes", read, total, [f"{len(results)}/{len(chunks)} chunks", f"{documents:,} documents"])
     return sorted(results, key=lambda r: r["chunk"])

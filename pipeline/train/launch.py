@@ -4,7 +4,6 @@ the consolidated model, and record everything in one MLflow run."""
 from __future__ import annotations
 
 import functools
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ from pipeline.train.export import export_in_task
 from pipeline.train.rank import WorkerPlan
 from pipeline.train.resources import check_against_cluster, wait_for_workers
 from pipeline.train.worker import train_worker
-
-log = logging.getLogger(__name__)
 
 
 class TrainingFailed(RuntimeError):

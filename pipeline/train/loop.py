@@ -89,9 +89,8 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
             if samples is not None and generations is not None:
                 samples(engine, clock.tick, generations)
         ticks.log({**progress.first_eval, "tick": clock.tick}, clock.tick)
-        say(f"[pipeline] tick {clock.tick}: eval loss {progress.first_eval['eval_loss']:.4f}, "
-            f"perplexity {progress.first_eval['eval_perplexity']:.2f} (before training"
-            f"{'' if reused is None else '; the sweep computed it once'})")
+        say(_eval_line(clock.tick, progress.first_eval,
+                       f" (before training{'' if reused is None else '; the sweep computed it once'})"))
     elif startup is not None:
         startup.first_eval = "first eval from the checkpoint"
     if startup is not None:
@@ -149,8 +148,7 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
             ticks.log(metrics, clock.tick)
             say(_progress_line(metrics, t.max_ticks))
             if evaluated:
-                say(f"[pipeline] tick {clock.tick}: eval loss {metrics['eval_loss']:.4f}, "
-                    f"perplexity {metrics['eval_perplexity']:.2f}")
+                say(_eval_line(clock.tick, metrics))
         checkpoint_due = (t.checkpoint_every and clock.tick % t.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
             report = {**metrics, **{f"{k}_start": v for k, v in progress.first_eval.items()}}
@@ -251,6 +249,10 @@ def _progress_line(metrics: dict, total: int) -> str:
     return progress_line("tick", metrics["tick"], total, [
         f"loss {metrics['loss']:.4f}", f"lr {metrics['lr']:.2e}", f"grad-norm {metrics['grad_norm']:.3f}",
         f"{metrics['tokens_per_s']:.0f} tok/s"])
+
+
+def _eval_line(tick: int, metrics: dict, note: str = "") -> str:
+    return f"[pipeline] tick {tick}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}{note}"
 
 
 class NonFiniteLoss(FloatingPointError):
