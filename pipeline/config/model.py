@@ -32,9 +32,18 @@ class LoraConfig(Section):
     """Also train the fused norms' weights (saved in the adapter); frozen otherwise."""
 
 
+TASKS = ("causal_lm", "sequence_classification", "token_classification")
+
+
 class ModelConfig(Section):
     """Where the model and its tokenizer come from."""
 
+    task: Literal["causal_lm", "sequence_classification", "token_classification"] = "causal_lm"
+    """What the model learns, and so its head (`AutoModelFor...`): `causal_lm`, the next token;
+    `sequence_classification`, a class per example (`data.format: labelled_text`);
+    `token_classification`, a tag per word (`data.format: tagged_tokens`). A classification head is new
+    (randomly initialised, sized to the training split's classes) on an encoder such as BERT; see
+    "Classification"."""
     source: Literal["hf_dir", "hub", "gguf", "config"]
     """`hf_dir`: a Hugging Face model directory; `hub`: a hub repo id; `gguf`: a `.gguf` file;
     `config`: a tiny model built from `architecture`, with a BPE tokenizer trained on `tokenizer_corpus`."""

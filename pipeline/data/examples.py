@@ -182,7 +182,7 @@ class ExampleEncoder:
             target[:] = True
         target[:1] = False  # nothing in the block before an example's first token belongs to it
         if len(ids) > self.cfg.seq_len:
-            if self.cfg.too_long == "skip":
+            if self.cfg.too_long_mode == "skip":
                 return BadExample("too_long", f"{len(ids)} tokens, data.seq_len is {self.cfg.seq_len}")
             ids, target = ids[:self.cfg.seq_len], target[:self.cfg.seq_len]
             if not target.any():

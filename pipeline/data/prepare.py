@@ -122,7 +122,7 @@ def data_fingerprint(cfg: DataConfig, files: list[CorpusFile], tokenizer_fingerp
         "split": cfg.split.model_dump(mode="json"),
         "bad_records": [cfg.on_bad_record, cfg.max_document_bytes],
         **({"examples": [cfg.file_type, cfg.fields.model_dump(), cfg.chat_template, cfg.prompt_template,
-                         cfg.train_on_prompt, cfg.packing_mode, cfg.too_long]} if cfg.has_examples else {}),
+                         cfg.train_on_prompt, cfg.packing_mode, cfg.too_long_mode]} if cfg.has_examples else {}),
     })
 
 
