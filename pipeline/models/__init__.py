@@ -8,6 +8,7 @@ from pipeline.models.embedding_noise import attach_embedding_noise
 from pipeline.models.load import (
     hf_dir_fingerprint,
     load_causal_lm,
+    load_classifier,
     load_tokenizer,
     local_model,
     materialize_model,
@@ -16,5 +17,5 @@ from pipeline.models.load import (
 from pipeline.models.patch import FusedNorm, NormPatchReport, patch_norms, patch_norms_with_report
 
 __all__ = ["FusedNorm", "NormPatchReport", "attach_embedding_noise", "hf_dir_fingerprint", "load_causal_lm",
-           "load_tokenizer", "local_model", "materialize_model", "max_positions", "patch_norms",
+           "load_classifier", "load_tokenizer", "local_model", "materialize_model", "max_positions", "patch_norms",
            "patch_norms_with_report"]

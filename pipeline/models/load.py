@@ -169,6 +169,24 @@ def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32, attn_impl
     return AutoModelForCausalLM.from_pretrained(local_model(model_ref), dtype=dtype, **chosen)
 
 
+CLASSIFIER_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
+                      "token_classification": "AutoModelForTokenClassification"}
+
+
+def load_classifier(model_ref: str, task: str, label_names: tuple[str, ...], dtype: torch.dtype = torch.float32,
+                    attn_implementation: str | None = None):
+    """An encoder (BERT, MiniLM, ...) with a classification head for `task`, sized to the label map
+    and naming its classes in `config.id2label`. A head the directory does not hold is new (random);
+    transformers says which weights it initialised."""
+    import transformers
+
+    auto_class = getattr(transformers, CLASSIFIER_CLASSES[task])
+    chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return auto_class.from_pretrained(local_model(model_ref), dtype=dtype, num_labels=len(label_names),
+                                      id2label=dict(enumerate(label_names)),
+                                      label2id={name: index for index, name in enumerate(label_names)}, **chosen)
+
+
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
