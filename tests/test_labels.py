@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.examples import BadExample
-from pipeline.data.labels import LabelledEncoder, LabelMap, align_word_labels, label_map, record_labels
+from pipeline.data.labels import LabelledEncoder, LabelledRecord, LabelMap, align_word_labels, label_map, record_labels
 
 from conftest import TINY_YAML
 
@@ -50,21 +50,22 @@ def test_the_label_map_is_sorted_and_knows_continuations():
 
 def test_token_classification_examples_by_hand(bert_tokenizer):
     cfg = data_config("tagged_tokens")
-    labels, words = record_labels(cfg, {"tokens": ["Gerhard", "Schroeder", "visits", "Zuckerberg"],
-                                        "ner_tags": ["B-PER", "I-PER", "O", "B-PER"]})
-    mapping = label_map(cfg, labels)
+    record = record_labels(cfg, {"tokens": ["Gerhard", "Schroeder", "visits", "Zuckerberg"],
+                                 "ner_tags": ["B-PER", "I-PER", "O", "B-PER"]})
+    mapping = label_map(cfg, record.labels)
     assert mapping.names == ("B-PER", "I-PER", "O")
-    [example] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([(labels, words, "")])
+    [example] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([record])
     assert example.input_ids.tolist() == [101, 21037, 8040, 8093, 29099, 2121, 7879, 16950, 9102, 4059, 102]
     assert example.labels.tolist() == [IGNORE, 0, 1, IGNORE, IGNORE, IGNORE, 2, 0, IGNORE, IGNORE, IGNORE]
     [every] = LabelledEncoder(bert_tokenizer(), data_config("tagged_tokens", "data.subword_labels=all"),
-                              mapping).encode([(labels, words, "")])
+                              mapping).encode([record])
     assert every.labels.tolist() == [IGNORE, 0, 1, 1, 1, 1, 2, 0, 1, 1, IGNORE]
 
 
 def test_ids_name_their_tags_through_label_names():
     cfg = data_config("tagged_tokens", "data.label_names=[O, B-PER, I-PER]")
-    assert record_labels(cfg, {"tokens": ["Peter", "Blackburn"], "ner_tags": [1, 2]}) == (["B-PER", "I-PER"], ["Peter", "Blackburn"])
+    assert record_labels(cfg, {"tokens": ["Peter", "Blackburn"], "ner_tags": [1, 2]}) == \
+        LabelledRecord(["B-PER", "I-PER"], ["Peter", "Blackburn"], None)
     with pytest.raises(BadExample, match="unknown_label: id 3"):
         record_labels(cfg, {"tokens": ["Peter"], "ner_tags": [3]})
 
@@ -73,12 +74,14 @@ def test_sequence_examples_carry_the_class_on_the_first_token_and_are_cut_at_seq
     cfg = data_config("labelled_text", "data.seq_len=8")
     mapping = LabelMap.from_labels(["spoken", "written"], "x")
     text = "the state of the union is strong and getting stronger every single year"
-    label, _ = record_labels(cfg, {"text": text, "label": "written"})
-    [example] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([(label, None, text)])
+    [example] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([record_labels(cfg, {"text": text, "label": "written"})])
     assert len(example.input_ids) == 8 and example.input_ids[0] == 101 and example.input_ids[-1] == 102  # [CLS] ... [SEP]
     assert example.labels.tolist() == [1] + [IGNORE] * 7
-    [short] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([("spoken", None, "hello")])
+    [short] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([LabelledRecord("spoken", None, "hello")])
     assert short.input_ids.tolist() == [101, 7592, 102] and short.labels.tolist() == [0, IGNORE, IGNORE]  # not padded here
+    skipping = data_config("labelled_text", "data.seq_len=8", "data.too_long=skip")
+    [bad] = LabelledEncoder(bert_tokenizer(), skipping, mapping).encode([LabelledRecord("spoken", None, text)])
+    assert isinstance(bad, BadExample) and bad.reason == "too_long"
 
 
 @pytest.mark.parametrize("fmt, fields, reason", [
@@ -97,5 +100,5 @@ def test_bad_records_say_why(fmt, fields, reason):
 
 def test_a_class_the_training_split_lacks_is_a_bad_record(bert_tokenizer):
     cfg = data_config("labelled_text")
-    [bad] = LabelledEncoder(bert_tokenizer(), cfg, LabelMap(("spoken", "written"))).encode([("sung", None, "la la")])
+    [bad] = LabelledEncoder(bert_tokenizer(), cfg, LabelMap(("spoken", "written"))).encode([LabelledRecord("sung", None, "la la")])
     assert isinstance(bad, BadExample) and bad.reason == "unknown_label" and "'sung'" in bad.detail

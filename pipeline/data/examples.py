@@ -41,8 +41,9 @@ class TokenizerText:
     bos_token: str | None
     bos_token_id: int | None
     adds_bos: bool  # the tokenizer puts BOS before a text by itself (Llama, Mistral)
-    eos_token: str
-    eos_token_id: int
+    eos_token: str | None  # None only for an encoder's tokenizer (BERT's), read by the labelled formats
+    eos_token_id: int | None
+    pad_token_id: int | None = None
 
 
 @dataclass(frozen=True)

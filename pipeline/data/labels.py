@@ -78,16 +78,23 @@ def label_map(cfg: DataConfig, training_labels: Iterable[str]) -> LabelMap:
     return LabelMap.from_labels(training_labels, what)
 
 
-def record_labels(cfg: DataConfig, fields: dict) -> tuple[str | list[str], list[str] | None]:
-    """(the record's label, or its tags), and for `tagged_tokens` its words; `BadExample` when it has
-    none that can be used. Labels given as ids are named by `data.label_names` when it is set."""
+@dataclass(frozen=True)
+class LabelledRecord:
+    labels: str | list[str]  # the class (labelled_text) or a tag per word (tagged_tokens)
+    words: list[str] | None  # tagged_tokens
+    text: str | None  # labelled_text
+
+
+def record_labels(cfg: DataConfig, fields: dict) -> LabelledRecord:
+    """The record's label (or tags) and what they label; `BadExample` when it has none that can be
+    used. Labels given as ids are named by `data.label_names` when it is set."""
     if cfg.format == "labelled_text":
         text = fields.get(cfg.text_field)
         if not isinstance(text, str):
             raise BadExample("missing_field", f"no string field '{cfg.text_field}'")
         if not text.strip():
             raise BadExample("empty", f"'{cfg.text_field}' is empty")
-        return _label(cfg, fields.get(cfg.label_field), cfg.label_field), None
+        return LabelledRecord(_label(cfg, fields.get(cfg.label_field), cfg.label_field), None, text)
     names = cfg.fields
     words, tags = fields.get(names.tokens), fields.get(names.tags)
     for name, value in ((names.tokens, words), (names.tags, tags)):
@@ -99,7 +106,7 @@ def record_labels(cfg: DataConfig, fields: dict) -> tuple[str | list[str], list[
         raise BadExample("length_mismatch", f"{len(words)} {names.tokens}, {len(tags)} {names.tags}")
     if not all(isinstance(word, str) and word for word in words):
         raise BadExample("not_text", f"'{names.tokens}' holds a value that is not a non-empty string")
-    return [_label(cfg, tag, names.tags) for tag in tags], words
+    return LabelledRecord([_label(cfg, tag, names.tags) for tag in tags], words, None)
 
 
 def _label(cfg: DataConfig, value, field: str) -> str:
@@ -134,6 +141,7 @@ class LabelledEncoder:
     """Labelled records -> `Example`s (ids, and labels by the map), in the tokenizer actors."""
 
     def __init__(self, backend, cfg: DataConfig, labels: LabelMap):
+        """`backend`: a `tokenizers.Tokenizer` of this encoder's own (its padding and truncation are set here)."""
         self.backend, self.cfg, self.labels = backend, cfg, labels
         # A tokenizer file may pad and truncate by itself (all-MiniLM-L6-v2's pads to 128): blocks are
         # padded by the reader, and cut at data.seq_len here, keeping the closing special token.
@@ -141,13 +149,12 @@ class LabelledEncoder:
         backend.enable_truncation(cfg.seq_len)
         self.continuation = labels.continuation_ids()
 
-    def encode(self, records: list[tuple[str | list[str], list[str] | None, str]]) -> list[Example | BadExample]:
-        """(labels, words or None, text) per record, as `record_labels` gives them with the record's text."""
-        ids = [self._ids(labels) for labels, _, _ in records]
+    def encode(self, records: list[LabelledRecord]) -> list[Example | BadExample]:
+        ids = [self._ids(record.labels) for record in records]
         if self.cfg.format == "labelled_text":
-            encodings = self.backend.encode_batch([text for _, _, text in records], add_special_tokens=True)
+            encodings = self.backend.encode_batch([record.text for record in records], add_special_tokens=True)
         else:
-            encodings = self.backend.encode_batch([words for _, words, _ in records], is_pretokenized=True,
+            encodings = self.backend.encode_batch([record.words for record in records], is_pretokenized=True,
                                                   add_special_tokens=True)
         return [label_ids if isinstance(label_ids, BadExample) else self._example(label_ids, encoding)
                 for label_ids, encoding in zip(ids, encodings)]
@@ -161,7 +168,9 @@ class LabelledEncoder:
             return BadExample("unknown_label", f"{unknown!r} is not a class of the training split")
         return found[0] if isinstance(labels, str) else found
 
-    def _example(self, label_ids: int | list[int], encoding) -> Example:
+    def _example(self, label_ids: int | list[int], encoding) -> Example | BadExample:
+        if encoding.overflowing and self.cfg.too_long_mode == "skip":
+            return BadExample("too_long", f"more than data.seq_len {self.cfg.seq_len} tokens")
         ids = np.asarray(encoding.ids, dtype=np.int32)
         if isinstance(label_ids, int):
             labels = np.full(len(ids), IGNORE, dtype=np.int32)

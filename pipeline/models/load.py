@@ -153,11 +153,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_tokenizer(model_ref: str):
+def load_tokenizer(model_ref: str, needs_eos: bool = True):
+    """The model's tokenizer; `needs_eos` for packing (an encoder's, BERT's, has a pad token but no EOS)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(local_model(model_ref, weights=False))
-    if tokenizer.eos_token_id is None:
+    if needs_eos and tokenizer.eos_token_id is None:
         raise ConfigError(f"model.path: the tokenizer of '{model_ref}' has no EOS token; packing needs one")
     return tokenizer
 
