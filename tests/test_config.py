@@ -114,3 +114,12 @@ def test_labelled_formats_put_one_example_in_each_block_and_truncate():
     data = load_config(TINY_YAML, ["data.format=tagged_tokens", "model.task=token_classification"]).data
     assert (data.packing_mode, data.too_long_mode, data.reads_records, data.has_examples) == ("none", "truncate", True, False)
     assert load_config(TINY_YAML, ["data.format=chat"]).data.too_long_mode == "skip"
+
+
+def test_training_a_classification_task_stops_before_ray_while_the_loop_lacks_it():
+    from pipeline.train.launch import check_task_trains
+
+    cfg = load_config(TINY_YAML, ["data.format=labelled_text", "model.task=sequence_classification"])
+    with pytest.raises(ConfigError, match=r"^model.task: 'sequence_classification' is not trained yet"):
+        check_task_trains(cfg)
+    check_task_trains(load_config(TINY_YAML))

@@ -95,6 +95,13 @@ def check_kernel(cfg: Config) -> None:
                               "not installed; use 'sdpa' or install flash-attn")
 
 
+def check_task_trains(cfg: Config) -> None:
+    """The classification tasks prepare their data, but the training loop does not run their heads yet."""
+    if cfg.model.task != "causal_lm":
+        raise ConfigError(f"model.task: '{cfg.model.task}' is not trained yet (the loop trains causal_lm); "
+                          f"`pipeline prepare` builds its data")
+
+
 def resolve_resume(cfg: Config) -> Config:
     """train.resume_from may name a checkpoint or a run's storage directory: pin it to the newest
     checkpoint whose listing matches its manifests, warning about any newer one that is partial.
@@ -133,6 +140,7 @@ def prepare(cfg: Config) -> tuple[str, PreparedData]:
     from pipeline.tracking import check_reachable, tracking_uri
 
     check_kernel(cfg)
+    check_task_trains(cfg)
     check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
     model_ref = prepare_model(cfg)
     check_lora(cfg.model.lora, model_ref)
