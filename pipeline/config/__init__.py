@@ -20,12 +20,13 @@ from pipeline.config.model import TASKS, LoraConfig, ModelConfig
 from pipeline.config.noise import KernelConfig, NoiseConfig
 from pipeline.config.section import Section
 from pipeline.config.services import RayConfig, StorageConfig, TrackingConfig
-from pipeline.config.sweep import ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig
+from pipeline.config.sweep import EVAL_METRICS, ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig
 from pipeline.config.train import TrainConfig, ZeroConfig
 from pipeline.raw_config import ConfigError, apply_overrides, read_yaml
 
 __all__ = [
-    "CLASSIFICATION_FORMATS", "EXAMPLE_FORMATS", "TASKS", "TEXT_FORMATS", "Config", "ConfigError", "ConfirmConfig", "DataConfig", "FieldNames",
+    "CLASSIFICATION_FORMATS", "EVAL_METRICS", "EXAMPLE_FORMATS", "TASKS", "TEXT_FORMATS", "Config", "ConfigError",
+    "ConfirmConfig", "DataConfig", "FieldNames",
     "KernelConfig", "LoraConfig", "ModelConfig", "NoiseConfig", "RayConfig", "SchedulerConfig", "SearchDimension",
     "Section", "SplitConfig", "StorageConfig", "SweepConfig", "TrackingConfig", "TrainConfig", "ZeroConfig",
     "describe_error", "is_uri", "load_config", "to_yaml",
