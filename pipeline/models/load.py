@@ -172,6 +172,20 @@ def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32, attn_impl
 
 CLASSIFIER_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
                       "token_classification": "AutoModelForTokenClassification"}
+MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", **CLASSIFIER_CLASSES}
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class that builds and loads a model of `task` (model.task)."""
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[task])
+
+
+def label_maps(label_names: tuple[str, ...]) -> dict:
+    """A classifier config's class fields from the label map (class names in id order)."""
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+            "label2id": {name: index for index, name in enumerate(label_names)}}
 
 
 def load_classifier(model_ref: str, task: str, label_names: tuple[str, ...], dtype: torch.dtype = torch.float32,
@@ -179,13 +193,9 @@ def load_classifier(model_ref: str, task: str, label_names: tuple[str, ...], dty
     """An encoder (BERT, MiniLM, ...) with a classification head for `task`, sized to the label map
     and naming its classes in `config.id2label`. A head the directory does not hold is new (random);
     transformers says which weights it initialised."""
-    import transformers
-
-    auto_class = getattr(transformers, CLASSIFIER_CLASSES[task])
     chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return auto_class.from_pretrained(local_model(model_ref), dtype=dtype, num_labels=len(label_names),
-                                      id2label=dict(enumerate(label_names)),
-                                      label2id={name: index for index, name in enumerate(label_names)}, **chosen)
+    return auto_model_class(task).from_pretrained(local_model(model_ref), dtype=dtype, **label_maps(label_names),
+                                                  **chosen)
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")

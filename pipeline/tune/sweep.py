@@ -182,7 +182,8 @@ class _Sweep:
         registered = None
         if best is not None:
             registered = _register_best(cfg, self.model_ref, self.parent, best, checkpoints.get(best.trial_id)
-                                        or _newest_checkpoint(self.experiment_dir, best.trial_id), self.experiment_dir)
+                                        or _newest_checkpoint(self.experiment_dir, best.trial_id), self.experiment_dir,
+                                        self.data.label_names)
             _keep_optimizer_state_of(best.trial_id, self.experiment_dir)
         return SweepOutcome(target.run_id, self.experiment_dir, interrupted=False, table="\n\n".join(tables),
                             verdict=verdict, registered=registered)
@@ -338,7 +339,7 @@ def _newest_checkpoint(experiment_dir: str, trial_id: str) -> str | None:
 
 
 def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoint: str | None,
-                   experiment_dir: str) -> str | None:
+                   experiment_dir: str, label_names: tuple[str, ...]) -> str | None:
     """Export the best trial's final checkpoint (its location, reported by its driver), log it to its
     run, register it. A sweep resumed after it registered its model keeps that version."""
     from pipeline.tracking.sweeps import register_model
@@ -349,7 +350,7 @@ def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoin
     if "registered_model" in parent.tags():
         return parent.tags()["registered_model"]
     model = export_in_task(cfg, checkpoint, model_ref, storage.join(experiment_dir, "best-model"),
-                           RunTarget(parent.target.uri, best.run_id))
+                           RunTarget(parent.target.uri, best.run_id), label_names=label_names)
     model_uri = model.model_uri
     name = cfg.sweep.register_model or f"{cfg.tracking.experiment}-best"
     version = register_model(model_uri, name, {"sweep_id": parent.target.run_id, "noise.sigma": str(best.sigma),
