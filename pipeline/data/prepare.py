@@ -27,12 +27,12 @@ from pipeline.cache import stable_hash
 from pipeline.config import Config, ConfigError, DataConfig, RayConfig
 from pipeline.data.bad_records import BadRecords, NoUsableDocuments, describe
 from pipeline.data.blocks import BlockReader, PackPlan, TokenFile, layout
+from pipeline.data.builtin import BUILTIN_PREFIX, builtin_path
 from pipeline.data.corpus import SPLITS, CorpusFile, chunk_size, container, list_corpus, plan_chunks
 from pipeline.data.examples import compile_chat_template
 from pipeline.data.label_scan import training_labels
 from pipeline.data.labels import label_map
 from pipeline.data.parse import FileProblem, PieceReader
-from pipeline.data.stdlib_docstrings import BUILTIN_PREFIX, builtin_path
 from pipeline.data.tokenize import (
     SAMPLE_CANDIDATES,
     SavedTokenizer,
