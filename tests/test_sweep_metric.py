@@ -43,6 +43,8 @@ def test_a_metric_the_task_does_not_report_is_refused_before_the_sweep():
     check_sweep(load_config(SWEEP_YAML, [*CLASSIFY, "sweep.metric=eval_f1"]))
     with pytest.raises(ConfigError, match=r"does not report 'eval_precision'"):  # token classification's only
         check_sweep(load_config(SWEEP_YAML, [*CLASSIFY, "sweep.metric=eval_precision"]))
+    with pytest.raises(ConfigError, match=r"does not report 'eval_f1'"):  # confirmation alone compares it too
+        check_sweep(load_config(SWEEP_YAML, ["sweep.metric=eval_f1", "sweep.confirm.only=true", "noise.sigma=0.1"]))
 
 
 def test_best_first_and_the_gain_sign_for_either_mode():

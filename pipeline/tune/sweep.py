@@ -69,21 +69,21 @@ def check_sweep(cfg: Config) -> None:
     from pipeline.tune.arms import check_confirm_only
     from pipeline.tune.space import check_space
 
+    metric, reported = cfg.sweep.metric, EVAL_METRICS[cfg.model.task]
+    if metric not in reported and any(metric in names for names in EVAL_METRICS.values()):
+        raise ConfigError(f"sweep.metric: model.task '{cfg.model.task}' does not report '{metric}'; its evaluation "
+                          f"reports {', '.join(reported)}")
     if cfg.sweep.confirm.only:  # no search: no space, no ASHA to feed
         check_confirm_only(cfg)
         return
     check_space(cfg)
-    train, metric = cfg.train, cfg.sweep.metric
+    train = cfg.train
     if train.eval_every == 0:
         raise ConfigError("train.eval_every: a sweep needs evaluations during training for ASHA; set it, "
                           f"e.g. to sweep.scheduler.grace_period ({cfg.sweep.scheduler.grace_period})")
     if train.checkpoint_every % train.eval_every:
         raise ConfigError(f"train.checkpoint_every: in a sweep it must be a multiple of train.eval_every "
                           f"({train.eval_every}): every result Tune sees must carry {metric}")
-    reported = EVAL_METRICS[cfg.model.task]
-    if metric not in reported and any(metric in names for names in EVAL_METRICS.values()):
-        raise ConfigError(f"sweep.metric: model.task '{cfg.model.task}' does not report '{metric}'; its evaluation "
-                          f"reports {', '.join(reported)}")
 
 
 def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutcome:
