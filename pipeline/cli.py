@@ -143,19 +143,19 @@ def runs_command(args: argparse.Namespace) -> int:
     experiment = args.experiment or tracking.experiment
     if args.sweep:
         from pipeline.tracking.sweeps import resolve_sweep_id
-        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table, sweep_objective
+        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table, sweep_goal
 
         try:
             parent = resolve_sweep_id(uri, args.sweep)
         except ValueError as exc:
             raise ConfigError(f"--sweep: {exc}") from None
         target = RunTarget(uri, parent)
-        objective = sweep_objective(target)  # the metric the sweep optimised orders its tables
+        goal = sweep_goal(target)  # the metric the sweep optimised orders its tables
         print(f"trials of sweep {parent} in {redact(uri)}")
-        print(format_table(collect_trials(target, objective=objective), objective))
-        confirmation = collect_trials(target, phase="confirm", objective=objective)
+        print(format_table(collect_trials(target, goal=goal), goal))
+        confirmation = collect_trials(target, phase="confirm", goal=goal)
         if confirmation:  # apart: they are not candidates for the best trial
-            print(f"\nconfirmation runs (paired by seed)\n{format_confirm_table(confirmation, objective)}")
+            print(f"\nconfirmation runs (paired by seed)\n{format_confirm_table(confirmation, goal)}")
         return 0
     print(f"runs of experiment '{experiment}' in {redact(uri)}")
     print(format_runs(recent_runs(uri, experiment, args.limit)))

@@ -12,9 +12,9 @@ from pipeline.tracking import RunTarget, start_run
 from pipeline.tracking.sweeps import ARM_TAG, SEED_TAG, start_trial_run
 from pipeline.tune.arms import plan_confirmation
 from pipeline.tune.confirm import confirm_report
-from pipeline.tune.objective import LOSS, Objective
+from pipeline.tune.goal import LOSS, Goal
 from pipeline.tune.paired import COMPARISONS, pair_up
-from pipeline.tune.summary import collect_trials, sweep_objective
+from pipeline.tune.summary import collect_trials, sweep_goal
 from pipeline.tune.sweep import check_sweep
 
 from conftest import REPO
@@ -48,7 +48,7 @@ def test_a_metric_the_task_does_not_report_is_refused_before_the_sweep():
 
 
 def test_best_first_and_the_gain_sign_for_either_mode():
-    accuracy = Objective("eval_accuracy", "max")
+    accuracy = Goal("eval_accuracy", "max")
     values = [0.61, math.nan, 0.74, 0.52]
     assert sorted(values, key=accuracy.rank_key)[:3] == [0.74, 0.61, 0.52]
     assert math.isnan(sorted(values, key=accuracy.rank_key)[-1])  # no evaluation: last either way
@@ -63,7 +63,7 @@ def test_best_first_and_the_gain_sign_for_either_mode():
 
 
 def test_noise_that_raises_accuracy_helped():
-    accuracy = Objective("eval_accuracy", "max")
+    accuracy = Goal("eval_accuracy", "max")
     zero = (0.60, 0.64, 0.62, 0.66)
     cases = {"helped": (0.63, 0.66, 0.65, 0.68), "hurt": (0.57, 0.62, 0.58, 0.63), "none": (0.64, 0.61, 0.65, 0.64)}
     for outcome, noisy in cases.items():
@@ -103,9 +103,9 @@ def test_trials_ranked_reported_and_listed_by_a_metric_to_maximise(tmp_path, mon
     parent = start_run(cfg, "classify-sweep", tags={"pipeline.role": "sweep"}, command="pipeline tune")
     for trial_id, curve in (("t-low", [0.50, 0.55]), ("t-high", [0.60, 0.71]), ("t-peaked", [0.80, 0.65])):
         _trial(cfg, parent.target, trial_id, curve)
-    objective = sweep_objective(parent.target)
-    assert objective == Objective("eval_accuracy", "max")
-    search = collect_trials(parent.target)  # the objective read back from the parent run
+    goal = sweep_goal(parent.target)
+    assert goal == Goal("eval_accuracy", "max")
+    search = collect_trials(parent.target)  # the goal read back from the parent run
     assert [t.trial_id for t in search] == ["t-high", "t-peaked", "t-low"]  # by final value, highest first
     assert [t.best_value for t in search] == [0.71, 0.80, 0.55]
 
@@ -115,7 +115,7 @@ def test_trials_ranked_reported_and_listed_by_a_metric_to_maximise(tmp_path, mon
         for arm, value in (("zero", zero), ("noisy", noisy)):
             _trial(cfg, parent.target, f"c-{arm}-{seed}", [value], phase="confirm",
                    tags={ARM_TAG: arm, SEED_TAG: str(seed)}, name=f"confirm-{arm}-seed{seed}")
-    confirmation = confirm_report(parent, plan, tmp_path, objective)
+    confirmation = confirm_report(parent, plan, tmp_path, goal)
     metrics = parent.client.get_run(parent.target.run_id).data.metrics
     assert metrics["confirm_noise_diff"] == pytest.approx(0.065)  # noisy minus zero: accuracy went up
     assert metrics["confirm_noisy_eval_accuracy"] == pytest.approx(0.675)
@@ -137,6 +137,6 @@ def test_a_default_sweep_and_one_from_before_the_metric_optimise_eval_loss(tmp_p
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     cfg = load_config(SWEEP_YAML, [f"tracking.uri={uri}"])
     parent = start_run(cfg, "default-sweep", tags={"pipeline.role": "sweep"})
-    assert sweep_objective(parent.target) == LOSS  # its params: sweep.metric eval_loss, sweep.mode None
+    assert sweep_goal(parent.target) == LOSS  # its params: sweep.metric eval_loss, sweep.mode None
     bare = parent.client.create_run(parent.client.get_run(parent.target.run_id).info.experiment_id).info.run_id
-    assert sweep_objective(RunTarget(uri, bare)) == LOSS  # no sweep.* params at all
+    assert sweep_goal(RunTarget(uri, bare)) == LOSS  # no sweep.* params at all

@@ -21,7 +21,7 @@ from pipeline.tracking.store import client_for
 from pipeline.tracking.sweeps import ARM_TAG, PHASE_TAG, ROLE_TAG, SEED_TAG, TRIAL_TAG, child_runs
 from pipeline.tune import run_sweep
 from pipeline.tune.arms import plan_confirmation
-from pipeline.tune.objective import LOSS
+from pipeline.tune.goal import LOSS
 from pipeline.tune.paired import COMPARISONS, pair_up, plot_pairs
 from pipeline.tune.space import ZERO_SHARE, check_space, effective_space, trial_values, tune_space
 

@@ -78,7 +78,7 @@ def export_in_task(cfg: Config, checkpoint: str, model_ref: str, location: str,
 
 
 def _export_and_log(cfg: Config, checkpoint: str, model_ref: str, location: str,
-                    log_to: RunTarget | None, label_names: tuple[str, ...] = ()) -> ExportedModel:
+                    log_to: RunTarget | None, label_names: tuple[str, ...]) -> ExportedModel:
     from pipeline import tracking
 
     storage.configure(cfg.storage)  # a Ray worker has the driver's settings only through the config

@@ -19,7 +19,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.tracking import RunTarget, Tracker
 from pipeline.tune.arms import ConfirmPlan, plan_confirmation
-from pipeline.tune.objective import Objective
+from pipeline.tune.goal import Goal
 from pipeline.tune.paired import COMPARISONS, Paired, pair_up, plot_pairs
 from pipeline.tune.summary import CONFIRM_COLUMNS, Trial, collect_trials, settings, write_csv
 
@@ -65,14 +65,14 @@ def confirm_tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experime
                                   storage_filesystem=filesystem,
                                   callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
                                              SweepProgress("confirmation", plan.runs, cfg.train.max_ticks,
-                                                           Objective.of(cfg.sweep))]),
+                                                           Goal.of(cfg.sweep))]),
     )
 
 
 @dataclass(frozen=True)
 class Confirmation:
     plan: ConfirmPlan
-    objective: Objective
+    goal: Goal
     runs: list[Trial]  # best final value first
     paired: list[Paired]  # the comparisons with at least 2 complete pairs
 
@@ -97,7 +97,7 @@ class Confirmation:
         for arm in self.plan.arms:
             finished = [value for (a, _), value in self.values().items() if a == arm and not math.isnan(value)]
             if finished:
-                metrics[f"confirm_{arm}_{self.objective.metric}"] = statistics.fmean(finished)  # mean over its seeds
+                metrics[f"confirm_{arm}_{self.goal.metric}"] = statistics.fmean(finished)  # mean over its seeds
         for paired in self.paired:
             metrics.update(paired.metrics())
         return metrics
@@ -108,17 +108,17 @@ class Confirmation:
                      and not math.isnan(r.value)), None)
 
 
-def confirm_report(parent: Tracker, plan: ConfirmPlan, report_dir: Path, objective: Objective) -> Confirmation:
-    """Read the confirmation runs back from MLflow, pair them on `objective`, log the numbers to the
+def confirm_report(parent: Tracker, plan: ConfirmPlan, report_dir: Path, goal: Goal) -> Confirmation:
+    """Read the confirmation runs back from MLflow, pair them on `goal`, log the numbers to the
     parent run, and write `confirm.csv` and one paired plot per comparison into `report_dir`."""
-    runs = collect_trials(parent.target, phase="confirm", objective=objective)
-    values = Confirmation(plan, objective, runs, []).values()
+    runs = collect_trials(parent.target, phase="confirm", goal=goal)
+    values = Confirmation(plan, goal, runs, []).values()
     paired = [p for c in COMPARISONS if c.baseline in plan.arms and c.treatment in plan.arms
-              if (p := pair_up(c, values, objective)) is not None]
-    confirmation = Confirmation(plan, objective, runs, paired)
+              if (p := pair_up(c, values, goal)) is not None]
+    confirmation = Confirmation(plan, goal, runs, paired)
     parent.log_metrics(confirmation.metrics(), step=0)
     parent.log_params({"confirm.source": plan.source, "confirm.arms": ",".join(plan.arms)})
-    write_csv(runs, report_dir / "confirm.csv", objective, CONFIRM_COLUMNS)
+    write_csv(runs, report_dir / "confirm.csv", goal, CONFIRM_COLUMNS)
     for p in paired:
         plot_pairs(p, report_dir / f"confirm_{p.comparison.name}.png")
     return confirmation

@@ -4,7 +4,7 @@
 Sign convention, for every comparison: the difference is the treatment's gain over the baseline at
 the same seed, so a positive difference means the treatment (the noise) helped: the baseline's
 final eval loss minus the treatment's for a metric to minimise, the treatment's accuracy minus the
-baseline's for one to maximise (`Objective.gain`).
+baseline's for one to maximise (`Goal.gain`).
 Pairing by seed takes out what the seed does to both runs (data order, noise stream); the interval
 is over seeds, so it says how much the difference varies from one seed to another.
 """
@@ -16,7 +16,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.tune.objective import Objective
+from pipeline.tune.goal import Goal
 
 CONFIDENCE = 0.95
 
@@ -50,7 +50,7 @@ class Paired:
     seeds: tuple[int, ...]
     baseline: tuple[float, ...]
     treatment: tuple[float, ...]
-    objective: Objective
+    goal: Goal
 
     def __post_init__(self):
         if not len(self.seeds) == len(self.baseline) == len(self.treatment) >= 2:
@@ -58,7 +58,7 @@ class Paired:
 
     @property
     def diffs(self) -> list[float]:
-        return [self.objective.gain(b, t) for b, t in zip(self.baseline, self.treatment)]
+        return [self.goal.gain(b, t) for b, t in zip(self.baseline, self.treatment)]
 
     @property
     def mean(self) -> float:
@@ -94,7 +94,7 @@ class Paired:
 
     def sentence(self) -> str:
         c = self.comparison
-        detail = (f"(final {self.objective.label}, {self.objective.difference_words(c.baseline, c.treatment)} at the "
+        detail = (f"(final {self.goal.label}, {self.goal.difference_words(c.baseline, c.treatment)} at the "
                   f"same seed, mean of {len(self.diffs)} pairs, 95% CI [{self.low:.4f}, {self.high:.4f}])")
         if self.outcome == "helped":
             return f"{c.helped} by {self.mean:.4f} ± {self.half_width:.4f} {detail}"
@@ -103,7 +103,7 @@ class Paired:
         return f"no detectable difference {c.between}: {self.mean:+.4f} ± {self.half_width:.4f} {detail}"
 
 
-def pair_up(comparison: Comparison, values: dict[tuple[str, int], float], objective: Objective) -> Paired | None:
+def pair_up(comparison: Comparison, values: dict[tuple[str, int], float], goal: Goal) -> Paired | None:
     """The comparison over every seed at which both arms have a final value of the metric
     ((arm, seed) -> value); None when fewer than 2 seeds do (an arm missing from the plan, or failed runs)."""
     seeds = sorted(seed for arm, seed in values if arm == comparison.treatment
@@ -111,7 +111,7 @@ def pair_up(comparison: Comparison, values: dict[tuple[str, int], float], object
     if len(seeds) < 2:
         return None
     return Paired(comparison, tuple(seeds), tuple(values[comparison.baseline, s] for s in seeds),
-                  tuple(values[comparison.treatment, s] for s in seeds), objective)
+                  tuple(values[comparison.treatment, s] for s in seeds), goal)
 
 
 def plot_pairs(paired: Paired, path: Path) -> Path:
@@ -122,15 +122,15 @@ def plot_pairs(paired: Paired, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c, objective = paired.comparison, paired.objective
+    c, goal = paired.comparison, paired.goal
     figure, axes = plt.subplots(figsize=(5, 4))
     for seed, before, after in zip(paired.seeds, paired.baseline, paired.treatment):
-        gain = objective.gain(before, after)
+        gain = goal.gain(before, after)
         axes.plot([0, 1], [before, after], marker="o", color="tab:green" if gain > 0 else "tab:red",
                   label=f"seed {seed}: {gain:+.4f}")
     axes.set_xticks([0, 1], [c.baseline, c.treatment])
-    axes.set(xlim=(-0.4, 1.4), ylabel=f"final {objective.label}")
-    difference = objective.difference_words(c.baseline, c.treatment).replace(" minus ", " − ")
+    axes.set(xlim=(-0.4, 1.4), ylabel=f"final {goal.label}")
+    difference = goal.difference_words(c.baseline, c.treatment).replace(" minus ", " − ")
     axes.set_title(f"{c.name}: {paired.mean:+.4f} ± {paired.half_width:.4f} (95% CI, {difference})", fontsize=9)
     axes.legend(fontsize=7)
     figure.tight_layout()

@@ -8,7 +8,7 @@ import math
 from ray import tune
 
 from pipeline import console
-from pipeline.tune.objective import LOSS, Objective
+from pipeline.tune.goal import LOSS, Goal
 from pipeline.tune.trial import trained_every_tick
 
 
@@ -16,8 +16,8 @@ class SweepProgress(tune.Callback):
     """Counted from Tune's own trial list at every event, so a resumed sweep counts its earlier
     trials too. Module level on purpose: Tune pickles callbacks into the experiment state."""
 
-    def __init__(self, noun: str, total: int, max_ticks: int, objective: Objective):
-        self.noun, self.total, self.max_ticks, self.objective = noun, total, max_ticks, objective
+    def __init__(self, noun: str, total: int, max_ticks: int, goal: Goal):
+        self.noun, self.total, self.max_ticks, self.goal = noun, total, max_ticks, goal
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._show(trials)
@@ -38,11 +38,11 @@ class SweepProgress(tune.Callback):
         fields = [f"{sum(t.status == 'RUNNING' for t in trials)} running", f"{stopped} stopped by ASHA"]
         if failed:
             fields.append(f"{failed} failed")
-        # A callback pickled by a sweep from before sweep.metric existed has no objective: it optimised eval loss.
-        objective = getattr(self, "objective", LOSS)
-        values = {t.trial_id: (t.last_result or {}).get(objective.metric, math.nan) for t in trials}
+        # A callback pickled by a sweep from before sweep.metric existed has no goal: it optimised eval loss.
+        goal = getattr(self, "goal", LOSS)
+        values = {t.trial_id: (t.last_result or {}).get(goal.metric, math.nan) for t in trials}
         best = min((trial_id for trial_id, value in values.items() if math.isfinite(value)),
-                   key=lambda trial_id: objective.rank_key(values[trial_id]), default=None)
+                   key=lambda trial_id: goal.rank_key(values[trial_id]), default=None)
         if best is not None:
-            fields.append(f"best {objective.label} {values[best]:.4f} (trial {best})")
+            fields.append(f"best {goal.label} {values[best]:.4f} (trial {best})")
         console.progress(self.noun, len(ended), max(self.total, len(trials)), fields)

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from pipeline import console, storage
 from pipeline.config import EVAL_METRICS, Config, ConfigError, describe_error, to_yaml
 from pipeline.tracking import RunTarget, Tracker
-from pipeline.tune.objective import Objective
+from pipeline.tune.goal import Goal
 
 if TYPE_CHECKING:
     from pipeline.data import PreparedData
@@ -136,8 +136,8 @@ class _Sweep:
     concurrency: int
 
     @property
-    def objective(self) -> Objective:
-        return Objective.of(self.cfg.sweep)
+    def goal(self) -> Goal:
+        return Goal.of(self.cfg.sweep)
 
     def run(self, resume: bool) -> SweepOutcome:
         from pipeline.tune.confirm import confirm_tuner, confirmation_plan
@@ -150,14 +150,14 @@ class _Sweep:
             results = _tuner(cfg, self.model_ref, self.data, target, self.experiment_dir, resume, self.concurrency).fit()
             if _cut_short(target, results, cfg.sweep.num_samples):
                 return interrupted
-            search = collect_trials(target, objective=self.objective)
+            search = collect_trials(target, goal=self.goal)
             params = {r.metrics["trial_id"]: r.config for r in results if r.metrics}
             checkpoints = _checkpoints(results)
             best = self._search_report(search)
-            tables.append(format_table(search, self.objective))
+            tables.append(format_table(search, self.goal))
             console.echo(tables[-1])
         lines = [] if best is None else [f"best search trial {best.trial_id}: {settings(best)}, "
-                                         f"final {self.objective.label} {best.value:.4f}"]
+                                         f"final {self.goal.label} {best.value:.4f}"]
         if cfg.sweep.confirm.seeds:
             plan = confirmation_plan(cfg, self.experiment_dir, search, params, resume)
             if plan is None:
@@ -170,7 +170,7 @@ class _Sweep:
                 checkpoints.update(_checkpoints(results))
                 confirmation = self._confirm_report(plan)
                 lines += confirmation.sentences()
-                tables.append(format_confirm_table(confirmation.runs, self.objective))
+                tables.append(format_confirm_table(confirmation.runs, self.goal))
                 if best is None:  # confirm.only: the noisy arm's best seed is the model to keep
                     best = confirmation.best_noisy()
                     if best is not None:
@@ -191,13 +191,13 @@ class _Sweep:
     def _search_report(self, trials):
         from pipeline.tune.summary import best_trial, write_csv, write_plots
 
-        objective = self.objective
-        best = best_trial(trials, objective)
+        goal = self.goal
+        best = best_trial(trials, goal)
         with self._report() as report_dir:
-            write_csv(trials, report_dir / "trials.csv", objective)
-            write_plots(trials, report_dir, objective)
+            write_csv(trials, report_dir / "trials.csv", goal)
+            write_plots(trials, report_dir, goal)
         self._log_best(best)
-        self.parent.log_metrics({objective.best_metric: best.value, "trials": len(trials)}, step=0)
+        self.parent.log_metrics({goal.best_metric: best.value, "trials": len(trials)}, step=0)
         return best
 
     def _log_best(self, best) -> None:
@@ -208,7 +208,7 @@ class _Sweep:
         from pipeline.tune.confirm import confirm_report
 
         with self._report() as report_dir:
-            return confirm_report(self.parent, plan, report_dir, self.objective)
+            return confirm_report(self.parent, plan, report_dir, self.goal)
 
     @contextlib.contextmanager
     def _report(self) -> Iterator[Path]:
@@ -280,7 +280,7 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
                                   storage_filesystem=filesystem,
                                   callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
                                              SweepProgress("trial", cfg.sweep.num_samples, cfg.train.max_ticks,
-                                                           Objective.of(cfg.sweep))]),
+                                                           Goal.of(cfg.sweep))]),
     )
 
 

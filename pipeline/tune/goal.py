@@ -17,12 +17,14 @@ from pipeline.config import SweepConfig
 
 
 @dataclass(frozen=True)
-class Objective:
+class Goal:
+    """A metric and whether a smaller (`min`) or larger (`max`) value of it is better."""
+
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
 
     @classmethod
-    def of(cls, sweep: SweepConfig) -> Objective:
+    def of(cls, sweep: SweepConfig) -> Goal:
         return cls(sweep.metric, sweep.metric_mode)
 
     @property
@@ -58,4 +60,4 @@ class Objective:
         return f"{first} minus {second}"
 
 
-LOSS = Objective()  # the default sweep.metric: eval_loss, minimised
+LOSS = Goal()  # the default sweep.metric: eval_loss, minimised
