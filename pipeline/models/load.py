@@ -48,7 +48,7 @@ def materialize_model(cfg: ModelConfig) -> str:
     corpus = expand_files(cfg.tokenizer_corpus, "model.tokenizer_corpus")
     encoder = cfg.task != "causal_lm"  # the key of a causal LM stays what it was before encoders
     key = "config-" + stable_hash([cfg.architecture, cfg.tokenizer_vocab_size, cfg.init_seed,
-                                   [file_identity(p) for p in corpus], *(["encoder", cfg.task] if encoder else [])])
+                                   [file_identity(p) for p in corpus], *(["encoder"] if encoder else [])])
     return _cached_model(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out))
 
 
