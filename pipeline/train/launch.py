@@ -16,6 +16,7 @@ from pipeline.models.lora import check_lora
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, verify_sizes_only, weights_only
+from pipeline.train.classify import summary_lines
 from pipeline.train.export import export_in_task
 from pipeline.train.rank import WorkerPlan
 from pipeline.train.resources import check_against_cluster, wait_for_workers
@@ -48,8 +49,10 @@ class TrainOutcome:
     tracking_uri: str
     run_name: str
     metrics: dict
-    model_dir: Path  # the exported HF directory on the node that exported it (this one, on one machine)
-    model_location: str  # where it is stored: model_dir itself, or its URI under train.output_dir
+    # The exported HF directory on the node that exported it (this one, on one machine), and where it
+    # is stored (model_dir itself, or its URI under train.output_dir); None for a classifier (not yet).
+    model_dir: Path | None
+    model_location: str | None
     model_uri: str | None  # MLflow's
     checkpoint: str  # the final checkpoint's location (local path or URI)
     adapter_location: str | None = None  # under LoRA: the peft adapter directory
@@ -63,11 +66,15 @@ class TrainOutcome:
 
     def summary(self) -> str:
         m = self.metrics
+        classifier = "eval_perplexity" not in m  # a classifier's eval has accuracy instead
         lines = [
-            f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
-            f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}",
-            f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
-                                               if self.model_location != str(self.model_dir) else ""),
+            *(summary_lines(m) if classifier else [
+                f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
+                f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}"]),
+            (f"model: not exported (a classifier's export is not built yet); final checkpoint {self.checkpoint}"
+             if self.model_dir is None else
+             f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
+                                                if self.model_location != str(self.model_dir) else "")),
             f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
             f"  browse: {self.run_page}" if self.tracking_uri.startswith(("http://", "https://")) else
             f"  browse: pipeline ui (mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 "
@@ -95,11 +102,16 @@ def check_kernel(cfg: Config) -> None:
                               "not installed; use 'sdpa' or install flash-attn")
 
 
-def check_task_trains(cfg: Config) -> None:
-    """The classification tasks prepare their data, but the training loop does not run their heads yet."""
-    if cfg.model.task != "causal_lm":
-        raise ConfigError(f"model.task: '{cfg.model.task}' is not trained yet (the loop trains causal_lm); "
-                          f"`pipeline prepare` builds its data")
+def check_task(cfg: Config) -> None:
+    """What a classification task does not train (yet), as one line naming the field."""
+    task = cfg.model.task
+    if task == "causal_lm":
+        return
+    if cfg.train.zero_stage == 3:  # the partitioned loader builds a causal LM and fills it from the files
+        raise ConfigError(f"train.zero_stage: 3 loads causal LMs only; model.task '{task}' trains at stages 0-2")
+    if cfg.model.lora is not None:  # its adapters are a causal LM's (peft's CAUSAL_LM task), exported merged as one
+        raise ConfigError(f"model.lora: LoRA adapts causal LMs only; model.task '{task}' fine-tunes the whole "
+                          "encoder (model.lora=null)")
 
 
 def resolve_resume(cfg: Config) -> Config:
@@ -140,7 +152,7 @@ def prepare(cfg: Config) -> tuple[str, PreparedData]:
     from pipeline.tracking import check_reachable, tracking_uri
 
     check_kernel(cfg)
-    check_task_trains(cfg)
+    check_task(cfg)
     check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
     model_ref = prepare_model(cfg)
     check_lora(cfg.model.lora, model_ref)
@@ -157,8 +169,10 @@ def run_training(cfg: Config) -> TrainOutcome:
     console.echo(data.summary())
     check_against_data(cfg, data)
     run_name = cfg.tracking.run_name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The export writes a causal LM's layout; a classifier's (its head, label map, pyfunc) is not built yet.
+    exports = cfg.model.task == "causal_lm"
     tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint}, command="pipeline train",
-                                 data=data, model=tracking.ModelPlan() if cfg.tracking.log_model else None)
+                                 data=data, model=tracking.ModelPlan() if cfg.tracking.log_model and exports else None)
     # Ray Train resumes a run whose name it finds in storage, and run names repeat (a fixed
     # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"
@@ -171,11 +185,12 @@ def run_training(cfg: Config) -> TrainOutcome:
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
         checkpoint = stored_checkpoint(result, storage_location)
         model = export_in_task(cfg, checkpoint, model_ref, storage.join(output, run_key, "model"),
-                               tracker.target if cfg.tracking.log_model else None)
+                               tracker.target if cfg.tracking.log_model else None) if exports else None
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
-                        metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
-                        model_uri=model.model_uri, checkpoint=checkpoint, adapter_location=model.adapter_location,
-                        adapter_uri=model.adapter_uri, run_page=tracking.run_page(tracker.target))
+                        metrics=dict(result.metrics), model_dir=model and model.local_dir,
+                        model_location=model and model.location, model_uri=model and model.model_uri,
+                        checkpoint=checkpoint, adapter_location=model and model.adapter_location,
+                        adapter_uri=model and model.adapter_uri, run_page=tracking.run_page(tracker.target))
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None, marks: tuple[tuple[str, float], ...] = (), first_eval_dir: str | None = None):
