@@ -88,7 +88,7 @@ def trained(request, ray_session, tmp_path_factory):
     rng = random.Random(0)
     write_jsonl(corpus / "1-train.jsonl", TASKS[task][1](320, rng))
     write_jsonl(corpus / "2-eval.jsonl", TASKS[task][1](64, rng))
-    return task, corpus, run_training(config(tmp, corpus, task, 2))
+    return task, corpus, run_training(config(tmp, corpus, task, 2, "tracking.log_model=true"))
 
 
 def in_process(tmp: Path, corpus: Path, task: str, *overrides: str):

@@ -49,10 +49,8 @@ class TrainOutcome:
     tracking_uri: str
     run_name: str
     metrics: dict
-    # The exported HF directory on the node that exported it (this one, on one machine), and where it
-    # is stored (model_dir itself, or its URI under train.output_dir); None for a classifier (not yet).
-    model_dir: Path | None
-    model_location: str | None
+    model_dir: Path  # the exported HF directory on the node that exported it (this one, on one machine)
+    model_location: str  # where it is stored: model_dir itself, or its URI under train.output_dir
     model_uri: str | None  # MLflow's
     checkpoint: str  # the final checkpoint's location (local path or URI)
     adapter_location: str | None = None  # under LoRA: the peft adapter directory
@@ -71,10 +69,8 @@ class TrainOutcome:
             *(summary_lines(m) if classifier else [
                 f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
                 f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}"]),
-            (f"model: not exported (a classifier's export is not built yet); final checkpoint {self.checkpoint}"
-             if self.model_dir is None else
-             f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
-                                                if self.model_location != str(self.model_dir) else "")),
+            f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
+                                               if self.model_location != str(self.model_dir) else ""),
             f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
             f"  browse: {self.run_page}" if self.tracking_uri.startswith(("http://", "https://")) else
             f"  browse: pipeline ui (mlflow ui --backend-store-uri {redact(self.tracking_uri)} --host 127.0.0.1 "
@@ -169,10 +165,8 @@ def run_training(cfg: Config) -> TrainOutcome:
     console.echo(data.summary())
     check_against_data(cfg, data)
     run_name = cfg.tracking.run_name or f"{cfg.tracking.experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    # The export writes a causal LM's layout; a classifier's (its head, label map, pyfunc) is not built yet.
-    exports = cfg.model.task == "causal_lm"
     tracker = tracking.start_run(cfg, run_name, tags={"data.fingerprint": data.fingerprint}, command="pipeline train",
-                                 data=data, model=tracking.ModelPlan() if cfg.tracking.log_model and exports else None)
+                                 data=data, model=tracking.ModelPlan() if cfg.tracking.log_model else None)
     # Ray Train resumes a run whose name it finds in storage, and run names repeat (a fixed
     # tracking.run_name, two starts in one second): key storage and outputs by the MLflow run too.
     run_key = f"{run_name}-{tracker.target.run_id[:8]}"
@@ -184,13 +178,13 @@ def run_training(cfg: Config) -> TrainOutcome:
         storage_location = storage.join(output, "ray")
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
         checkpoint = stored_checkpoint(result, storage_location)
+        # A classifier's config and logged model name its classes: the label map the data was prepared with.
         model = export_in_task(cfg, checkpoint, model_ref, storage.join(output, run_key, "model"),
-                               tracker.target if cfg.tracking.log_model else None) if exports else None
+                               tracker.target if cfg.tracking.log_model else None, label_names=data.label_names)
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
-                        metrics=dict(result.metrics), model_dir=model and model.local_dir,
-                        model_location=model and model.location, model_uri=model and model.model_uri,
-                        checkpoint=checkpoint, adapter_location=model and model.adapter_location,
-                        adapter_uri=model and model.adapter_uri, run_page=tracking.run_page(tracker.target))
+                        metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
+                        model_uri=model.model_uri, checkpoint=checkpoint, adapter_location=model.adapter_location,
+                        adapter_uri=model.adapter_uri, run_page=tracking.run_page(tracker.target))
 
 def fit(cfg: Config, model_ref: str, data: PreparedData, run, storage_name: str, storage_location: str,
         callbacks: list | None = None, marks: tuple[tuple[str, float], ...] = (), first_eval_dir: str | None = None):
