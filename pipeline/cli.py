@@ -67,7 +67,7 @@ def runs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experiment", "-e", help="experiment name (default: the config's, or 'finetune')")
     parser.add_argument("--limit", "-n", type=int, default=20)
     parser.add_argument("--sweep", metavar="ID", help="list the trials of one sweep (parent run id or a prefix), "
-                                                      "best eval loss first, then its confirmation runs")
+                                                      "best first by its sweep.metric, then its confirmation runs")
 
 
 def tune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,17 +143,19 @@ def runs_command(args: argparse.Namespace) -> int:
     experiment = args.experiment or tracking.experiment
     if args.sweep:
         from pipeline.tracking.sweeps import resolve_sweep_id
-        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table
+        from pipeline.tune.summary import collect_trials, format_confirm_table, format_table, sweep_goal
 
         try:
             parent = resolve_sweep_id(uri, args.sweep)
         except ValueError as exc:
             raise ConfigError(f"--sweep: {exc}") from None
+        target = RunTarget(uri, parent)
+        goal = sweep_goal(target)  # the metric the sweep optimised orders its tables
         print(f"trials of sweep {parent} in {redact(uri)}")
-        print(format_table(collect_trials(RunTarget(uri, parent))))
-        confirmation = collect_trials(RunTarget(uri, parent), phase="confirm")
+        print(format_table(collect_trials(target, goal=goal), goal))
+        confirmation = collect_trials(target, phase="confirm", goal=goal)
         if confirmation:  # apart: they are not candidates for the best trial
-            print(f"\nconfirmation runs (paired by seed)\n{format_confirm_table(confirmation)}")
+            print(f"\nconfirmation runs (paired by seed)\n{format_confirm_table(confirmation, goal)}")
         return 0
     print(f"runs of experiment '{experiment}' in {redact(uri)}")
     print(format_runs(recent_runs(uri, experiment, args.limit)))

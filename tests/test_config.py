@@ -91,3 +91,42 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/x.db")
     assert tracking_uri("http://127.0.0.1:5000") == f"sqlite:///{tmp_path}/x.db"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.task=sequence_classification"],
+     r"^config error: data.format: 'text' is for model.task 'causal_lm', and model.task is 'sequence_classification'; "
+     r"for 'sequence_classification' use labelled_text$"),
+    (["data.format=tagged_tokens"], r"^config error: data.format: 'tagged_tokens' is for model.task 'token_classification'"),
+    (["data.format=labelled_text", "model.task=token_classification"], r"for 'token_classification' use tagged_tokens$"),
+    (["data.format=labelled_text", "model.task=sequence_classification", "data.packing=document"],
+     r"data.packing: 'document' packs examples together"),
+    (["data.format=tagged_tokens", "model.task=token_classification", "data.label_names=[O, O]"],
+     r"data.label_names: a classifier needs at least 2 distinct classes"),
+])
+def test_a_classification_task_needs_its_labelled_format(overrides, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(TINY_YAML, overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_labelled_formats_put_one_example_in_each_block_and_truncate():
+    data = load_config(TINY_YAML, ["data.format=tagged_tokens", "model.task=token_classification"]).data
+    assert (data.packing_mode, data.too_long_mode, data.reads_records, data.has_examples) == ("none", "truncate", True, False)
+    assert load_config(TINY_YAML, ["data.format=chat"]).data.too_long_mode == "skip"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.zero_stage=3", r"^train.zero_stage: 3 loads causal LMs only; model.task 'sequence_classification' trains "
+                           r"at stages 0-2$"),
+    ("model.lora.r=4", r"^model.lora: LoRA adapts causal LMs only; model.task 'sequence_classification' fine-tunes"),
+])
+def test_what_a_classification_task_does_not_train_stops_before_ray_in_one_line(override, message):
+    from pipeline.train.launch import check_task
+
+    classify = ["data.format=labelled_text", "model.task=sequence_classification"]
+    with pytest.raises(ConfigError, match=message) as error:
+        check_task(load_config(TINY_YAML, [*classify, override]))
+    assert "\n" not in str(error.value)
+    check_task(load_config(TINY_YAML, classify))  # ZeRO-2, full fine-tuning: it trains
+    check_task(load_config(TINY_YAML, [override]))  # and a causal LM trains either

@@ -21,6 +21,7 @@ from pipeline.tracking.store import client_for
 from pipeline.tracking.sweeps import ARM_TAG, PHASE_TAG, ROLE_TAG, SEED_TAG, TRIAL_TAG, child_runs
 from pipeline.tune import run_sweep
 from pipeline.tune.arms import plan_confirmation
+from pipeline.tune.goal import LOSS
 from pipeline.tune.paired import COMPARISONS, pair_up, plot_pairs
 from pipeline.tune.space import ZERO_SHARE, check_space, effective_space, trial_values, tune_space
 
@@ -75,7 +76,7 @@ def test_paired_interval_and_the_three_verdicts(tmp_path):
     cases = {"helped": (2.90, 3.12, 2.98, 3.21), "hurt": (3.08, 3.31, 3.17, 3.42), "none": (2.95, 3.26, 3.04, 3.33)}
     for outcome, noisy in cases.items():
         paired = pair_up(noise, {**{("zero", k + 1): v for k, v in enumerate(zero)},
-                                 **{("noisy", k + 1): v for k, v in enumerate(noisy)}})
+                                 **{("noisy", k + 1): v for k, v in enumerate(noisy)}}, LOSS)
         diffs = [z - n for z, n in zip(zero, noisy)]  # σ = 0 twin minus noisy: positive = noise helped
         low, high = stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / len(diffs), scale=stats.sem(diffs))
         assert (paired.low, paired.high) == pytest.approx((low, high), abs=1e-12)
@@ -90,7 +91,7 @@ def test_paired_interval_and_the_three_verdicts(tmp_path):
     image = matplotlib.image.imread(plot_pairs(paired, tmp_path / "pairs.png"))
     assert image.ndim == 3 and image.shape[0] > 100
     # A seed whose twin failed drops out of the pairs; one pair left gives no interval.
-    assert pair_up(noise, {("zero", 1): 3.0, ("noisy", 1): 2.9, ("zero", 2): math.nan, ("noisy", 2): 3.0}) is None
+    assert pair_up(noise, {("zero", 1): 3.0, ("noisy", 1): 2.9, ("zero", 2): math.nan, ("noisy", 2): 3.0}, LOSS) is None
 
 
 def test_confirmation_plan_pairs_the_best_noisy_trial_with_its_zero_twin():

@@ -13,19 +13,20 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
-from pipeline.config.data import EXAMPLE_FORMATS, TEXT_FORMATS, DataConfig, FieldNames, SplitConfig
-from pipeline.config.model import LoraConfig, ModelConfig
+from pipeline.config.data import CLASSIFICATION_FORMATS, EXAMPLE_FORMATS, TEXT_FORMATS, DataConfig, FieldNames, SplitConfig
+from pipeline.config.model import TASKS, LoraConfig, ModelConfig
 from pipeline.config.noise import KernelConfig, NoiseConfig
 from pipeline.config.section import Section
 from pipeline.config.services import RayConfig, StorageConfig, TrackingConfig
-from pipeline.config.sweep import ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig
+from pipeline.config.sweep import EVAL_METRICS, ConfirmConfig, SchedulerConfig, SearchDimension, SweepConfig
 from pipeline.config.train import TrainConfig, ZeroConfig
 from pipeline.raw_config import ConfigError, apply_overrides, read_yaml
 
 __all__ = [
-    "EXAMPLE_FORMATS", "TEXT_FORMATS", "Config", "ConfigError", "ConfirmConfig", "DataConfig", "FieldNames",
+    "CLASSIFICATION_FORMATS", "EVAL_METRICS", "EXAMPLE_FORMATS", "TASKS", "TEXT_FORMATS", "Config", "ConfigError",
+    "ConfirmConfig", "DataConfig", "FieldNames",
     "KernelConfig", "LoraConfig", "ModelConfig", "NoiseConfig", "RayConfig", "SchedulerConfig", "SearchDimension",
     "Section", "SplitConfig", "StorageConfig", "SweepConfig", "TrackingConfig", "TrainConfig", "ZeroConfig",
     "describe_error", "is_uri", "load_config", "to_yaml",
@@ -52,6 +53,15 @@ class Config(Section):
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="after")
+    def _check_task_fits_the_data(self) -> Config:
+        wanted = CLASSIFICATION_FORMATS.get(self.data.format, "causal_lm")
+        if self.model.task != wanted:
+            fitting = [f for f, task in CLASSIFICATION_FORMATS.items() if task == self.model.task] or ["a text or example format"]
+            raise ValueError(f"data.format: '{self.data.format}' is for model.task '{wanted}', and model.task is "
+                             f"'{self.model.task}'; for '{self.model.task}' use {' or '.join(fitting)}")
+        return self
+
     def with_overrides(self, overrides: list[str]) -> Config:
         return _validate(apply_overrides(self.model_dump(mode="python"), overrides))
 
@@ -71,6 +81,8 @@ def _validate(raw: dict) -> Config:
 def describe_error(error: dict) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and not error["loc"] and re.match(r"[\w.]+: ", message):
+        return message  # a check across sections names its field in full ("data.format: ...")
     # A cross-field check names its field first ("grad_accum: ..."): attach it to the section's path.
     named = re.match(r"(\w+): ", message)
     if error["type"] == "value_error" and named:

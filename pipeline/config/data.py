@@ -46,10 +46,16 @@ class FieldNames(Section):
     """`prompt_completion`: the prompt."""
     completion: str = "completion"
     """`prompt_completion`: the response."""
+    tokens: str = "tokens"
+    """`tagged_tokens`: the list of words (CoNLL-2003 style, already split)."""
+    tags: str = "ner_tags"
+    """`tagged_tokens`: the list of tags, one per word (strings such as `B-PER`, or ids)."""
 
 
 TEXT_FORMATS = ("text", "jsonl", "parquet", "hf")
 EXAMPLE_FORMATS = ("chat", "instruction", "prompt_completion")
+# The labelled formats and the one model.task each trains (`Config` checks that they agree).
+CLASSIFICATION_FORMATS = {"labelled_text": "sequence_classification", "tagged_tokens": "token_classification"}
 
 
 class DataConfig(Section):
@@ -58,16 +64,29 @@ class DataConfig(Section):
     path: str
     """A file, a directory (all files below it) or a glob; local, or an `s3://` / `gs://` URI (a prefix,
     an object, or a glob over keys)."""
-    format: Literal["text", "jsonl", "parquet", "hf", "chat", "instruction", "prompt_completion"] = "text"
+    format: Literal["text", "jsonl", "parquet", "hf", "chat", "instruction", "prompt_completion", "labelled_text",
+                    "tagged_tokens"] = "text"
     """Raw text for plain causal-LM training: `text` (one document per file), `jsonl`, `parquet`, `hf`
     (a `save_to_disk` directory), each record's `text_field`. Prompt and response examples with the
     loss on responses only (see "Instruction and chat fine-tuning"): `chat`, `instruction`,
-    `prompt_completion`."""
+    `prompt_completion`. Labelled records for the classification tasks (see "Classification"):
+    `labelled_text` (`text_field` and `label_field`, for `model.task: sequence_classification`),
+    `tagged_tokens` (`fields.tokens` and `fields.tags`, for `token_classification`)."""
     file_type: Literal["auto", "jsonl", "parquet", "hf"] = "auto"
     """The files an example format reads; `auto` goes by extension: `.parquet` files, an HF
     `save_to_disk` directory (`.arrow`), else JSON lines."""
     text_field: str = "text"
-    """The text field for `jsonl`, `parquet` and `hf`."""
+    """The text field for `jsonl`, `parquet`, `hf` and `labelled_text`."""
+    label_field: str = "label"
+    """`labelled_text`: each record's class, a string or an int."""
+    label_names: list[str] | None = None
+    """The classes in id order, where the records give ids (as a Hugging Face `ClassLabel` names them):
+    id i is `label_names[i]`. None: the classes are the labels the training split holds, sorted (as
+    numbers when they all are), each given as a string or an int."""
+    subword_labels: Literal["first", "all"] = "first"
+    """`tagged_tokens`: which sub-word tokens of a word carry its tag. `first`: the first, the others
+    -100 (not trained, not scored); `all`: every one, a `B-` tag continuing as `I-` (as `run_ner.py`'s
+    `label_all_tokens`)."""
     fields: FieldNames = FieldNames()
     chat_template: str | None = None
     """A Jinja chat template for `chat`, used instead of the tokenizer's own; required when the
@@ -80,10 +99,12 @@ class DataConfig(Section):
     packing: Literal["document", "naive", "none"] | None = None
     """`document`: whole examples packed into `seq_len` blocks, positions and attention restarting at
     each one; `naive`: concatenated, attention crossing examples; `none`: one example per block, padded.
-    None: `document` for the example formats; raw text is always packed `naive`."""
-    too_long: Literal["skip", "truncate"] = "skip"
+    None: `document` for the example formats, `none` (the only choice) for the labelled ones; raw text
+    is always packed `naive`."""
+    too_long: Literal["skip", "truncate"] | None = None
     """An example above `seq_len` tokens: `skip` it (a `too_long` bad record), or `truncate` it to its
-    first `seq_len` tokens (a bad record `no_response_left` if no response token remains)."""
+    first `seq_len` tokens (a bad record `no_response_left` if no response token remains). None:
+    `truncate` for the labelled formats, `skip` for the others."""
     seq_len: int = Field(256, ge=8)
     """Tokens per packed block; must not exceed the model's positions."""
     split: SplitConfig = SplitConfig()
@@ -114,6 +135,11 @@ class DataConfig(Section):
         if self.format in TEXT_FORMATS and self.packing not in (None, "naive"):
             raise ValueError(f"packing: '{self.packing}' is for the example formats ({', '.join(EXAMPLE_FORMATS)}); "
                              f"raw text is packed naively")
+        if self.is_labelled and self.packing not in (None, "none"):
+            raise ValueError(f"packing: '{self.packing}' packs examples together; the labelled formats "
+                             f"({', '.join(CLASSIFICATION_FORMATS)}) put one example in each block (none)")
+        if self.label_names is not None and len(set(self.label_names)) < 2:
+            raise ValueError(f"label_names: a classifier needs at least 2 distinct classes, got {self.label_names}")
         if "{instruction}" not in self.prompt_template:
             raise ValueError("prompt_template: it must contain {instruction}")
         return self
@@ -124,5 +150,21 @@ class DataConfig(Section):
         return self.format in EXAMPLE_FORMATS
 
     @property
+    def is_labelled(self) -> bool:
+        """Records with a class per example or a tag per word, for the classification tasks."""
+        return self.format in CLASSIFICATION_FORMATS
+
+    @property
+    def reads_records(self) -> bool:
+        """Each record's fields are read whole (example and labelled formats), not one text field."""
+        return self.has_examples or self.is_labelled
+
+    @property
     def packing_mode(self) -> str:
+        if self.is_labelled:
+            return "none"
         return self.packing or ("document" if self.has_examples else "naive")
+
+    @property
+    def too_long_mode(self) -> str:
+        return self.too_long or ("truncate" if self.is_labelled else "skip")

@@ -32,12 +32,22 @@ class LoraConfig(Section):
     """Also train the fused norms' weights (saved in the adapter); frozen otherwise."""
 
 
+TASKS = ("causal_lm", "sequence_classification", "token_classification")
+
+
 class ModelConfig(Section):
     """Where the model and its tokenizer come from."""
 
+    task: Literal["causal_lm", "sequence_classification", "token_classification"] = "causal_lm"
+    """What the model learns, and so its head (`AutoModelFor...`): `causal_lm`, the next token;
+    `sequence_classification`, a class per example (`data.format: labelled_text`);
+    `token_classification`, a tag per word (`data.format: tagged_tokens`). A classification head is new
+    (randomly initialised, sized to the training split's classes) on an encoder such as BERT; see
+    "Classification"."""
     source: Literal["hf_dir", "hub", "gguf", "config"]
     """`hf_dir`: a Hugging Face model directory; `hub`: a hub repo id; `gguf`: a `.gguf` file;
-    `config`: a tiny model built from `architecture`, with a BPE tokenizer trained on `tokenizer_corpus`."""
+    `config`: a tiny model built from `architecture`, with a tokenizer trained on `tokenizer_corpus` (for a
+    classification task a bare encoder, e.g. `model_type: bert`, and a WordPiece tokenizer)."""
     path: str | None = None
     """The directory, hub id or `.gguf` file (not for `config`); a local path (`package:NAME/...` points
     inside an installed Python package without importing it) or an `s3://` / `gs://` URI (copied once
@@ -45,7 +55,8 @@ class ModelConfig(Section):
     architecture: dict[str, Any] | None = None
     """For `config`: Hugging Face config kwargs, including `model_type`."""
     tokenizer_corpus: str | None = None
-    """For `config`: the text files (a glob) a byte-level BPE tokenizer is trained on."""
+    """For `config`: the text files (a glob) the tokenizer is trained on: byte-level BPE for `causal_lm`,
+    uncased WordPiece with BERT's `[CLS]`/`[SEP]`/`[PAD]`/`[UNK]`/`[MASK]` for the classification tasks."""
     tokenizer_vocab_size: int = Field(512, ge=64)
     """For `config`: the trained tokenizer's vocabulary size."""
     init_seed: int = 0

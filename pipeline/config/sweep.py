@@ -36,8 +36,25 @@ class SearchDimension(Section):
         return self
 
 
+# A metric's direction from its name: smaller losses are better, larger scores.
+MINIMISED = ("loss", "perplexity")
+MAXIMISED = ("accuracy", "f1", "precision", "recall")
+# What each model.task's evaluation reports, so a sweep on another task's metric stops before it starts.
+EVAL_METRICS = {"causal_lm": ("eval_loss", "eval_perplexity"),
+                "sequence_classification": ("eval_loss", "eval_accuracy", "eval_f1"),
+                "token_classification": ("eval_loss", "eval_precision", "eval_recall", "eval_f1", "eval_accuracy")}
+
+
+def mode_of(metric: str) -> Literal["min", "max"] | None:
+    """min for a loss or perplexity, max for an accuracy, F1, precision or recall; None: not known by name."""
+    last = metric.rsplit("_", 1)[-1].lower()
+    if last in MINIMISED:
+        return "min"
+    return "max" if last in MAXIMISED else None
+
+
 class SchedulerConfig(Section):
-    """ASHA on eval loss; rungs are counted in ticks and end at `train.max_ticks`. Needs
+    """ASHA on `sweep.metric`; rungs are counted in ticks and end at `train.max_ticks`. Needs
     `train.eval_every`."""
 
     grace_period: int = Field(2, ge=1)
@@ -73,6 +90,14 @@ class SweepConfig(Section):
 
     name: str | None = None
     """The sweep's name and directory under `storage_dir`; none: `<experiment>-sweep-<time>`."""
+    metric: str = "eval_loss"
+    """What the sweep optimises: ASHA and the searcher compare trials on it, the best trial has the
+    best final value, and the confirmation pairs it by seed. `eval_loss`, `eval_perplexity`; with the
+    classification tasks also `eval_accuracy`, `eval_f1` (`token_classification`: `eval_precision`,
+    `eval_recall` too); or any other metric every evaluation reports (then give `mode`)."""
+    mode: Literal["min", "max"] | None = None
+    """Whether a smaller (`min`) or larger (`max`) `metric` is better. None: from its name, `min` for a
+    loss or perplexity, `max` for an accuracy, F1, precision or recall."""
     space: dict[str, SearchDimension] = {}
     """The searched config paths. `model.*` (but `model.lora.r`, `.alpha`, `.dropout`), `data.*`,
     `ray.*` and `tracking.*` cannot vary. Empty: lr in [lr/10, 10·lr] log-uniform, plus per
@@ -94,3 +119,15 @@ class SweepConfig(Section):
     `<experiment>-best`."""
     storage_dir: str = "outputs/sweeps"
     """Where Tune keeps the sweep's state (local or a URI)."""
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> SweepConfig:
+        if self.mode is None and mode_of(self.metric) is None:
+            raise ValueError(f"mode: say whether a smaller (min) or larger (max) '{self.metric}' is better; only "
+                             f"losses, perplexities, accuracies, F1, precision and recall are known by name")
+        return self
+
+    @property
+    def metric_mode(self) -> Literal["min", "max"]:
+        """`mode`, or the one the metric's name implies."""
+        return self.mode or mode_of(self.metric)

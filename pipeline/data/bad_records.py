@@ -26,6 +26,10 @@ REASONS = {
     "template_error": "the chat template refused it",
     "too_long": "more tokens than data.seq_len",
     "no_response_left": "no response token left once cut to data.seq_len",
+    # the labelled formats (labelled_text, tagged_tokens)
+    "bad_label": "a label that is neither a string nor an int",
+    "unknown_label": "a label the training split does not have (or an id data.label_names has no name for)",
+    "length_mismatch": "a different number of tokens and tags",
 }
 
 

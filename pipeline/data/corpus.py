@@ -165,7 +165,7 @@ class Piece:
 
 
 def _container_setting(cfg: DataConfig) -> str:
-    return cfg.file_type if cfg.has_examples else cfg.format
+    return cfg.file_type if cfg.reads_records else cfg.format
 
 
 def container(cfg: DataConfig, name: str) -> str:

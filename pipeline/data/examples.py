@@ -41,8 +41,9 @@ class TokenizerText:
     bos_token: str | None
     bos_token_id: int | None
     adds_bos: bool  # the tokenizer puts BOS before a text by itself (Llama, Mistral)
-    eos_token: str
-    eos_token_id: int
+    eos_token: str | None  # None only for an encoder's tokenizer (BERT's), read by the labelled formats
+    eos_token_id: int | None
+    pad_token_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ class ExampleEncoder:
             target[:] = True
         target[:1] = False  # nothing in the block before an example's first token belongs to it
         if len(ids) > self.cfg.seq_len:
-            if self.cfg.too_long == "skip":
+            if self.cfg.too_long_mode == "skip":
                 return BadExample("too_long", f"{len(ids)} tokens, data.seq_len is {self.cfg.seq_len}")
             ids, target = ids[:self.cfg.seq_len], target[:self.cfg.seq_len]
             if not target.any():

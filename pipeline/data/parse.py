@@ -44,7 +44,7 @@ class Record:
 class PieceReader:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
-        self.examples = cfg.has_examples
+        self.examples = cfg.reads_records
         self.text_field = cfg.text_field
         self.max_bytes = cfg.max_document_bytes
         self.lines = 0  # lines the last JSONL piece owned, blank ones included
@@ -206,7 +206,8 @@ def check_text_column(schema: pa.Schema, text_field: str, name: str) -> None:
 
 
 def example_fields(cfg: DataConfig) -> list[str]:
-    """The record fields an example format reads."""
+    """The record fields an example or labelled format reads."""
     names = cfg.fields
     return {"chat": [names.messages], "instruction": [names.instruction, names.input, names.output],
-            "prompt_completion": [names.prompt, names.completion]}[cfg.format]
+            "prompt_completion": [names.prompt, names.completion], "labelled_text": [cfg.text_field, cfg.label_field],
+            "tagged_tokens": [names.tokens, names.tags]}[cfg.format]

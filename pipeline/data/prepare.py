@@ -27,10 +27,12 @@ from pipeline.cache import stable_hash
 from pipeline.config import Config, ConfigError, DataConfig, RayConfig
 from pipeline.data.bad_records import BadRecords, NoUsableDocuments, describe
 from pipeline.data.blocks import BlockReader, PackPlan, TokenFile, layout
+from pipeline.data.builtin import BUILTIN_PREFIX, builtin_path
 from pipeline.data.corpus import SPLITS, CorpusFile, chunk_size, container, list_corpus, plan_chunks
 from pipeline.data.examples import compile_chat_template
+from pipeline.data.label_scan import training_labels
+from pipeline.data.labels import label_map
 from pipeline.data.parse import FileProblem, PieceReader
-from pipeline.data.stdlib_docstrings import BUILTIN_PREFIX, builtin_path
 from pipeline.data.tokenize import (
     SAMPLE_CANDIDATES,
     SavedTokenizer,
@@ -68,6 +70,7 @@ class PreparedData:
     plans: dict[str, dict] = field(default_factory=dict)  # split -> its PackPlan file (document packing)
     pad_id: int = 0
     samples: list[dict] = field(default_factory=list)  # held-out {prompt, reference} for sample generations
+    label_names: tuple[str, ...] = ()  # the classes in id order (the classification tasks)
 
     def reader(self, split: str) -> BlockReader:
         """Random access to the split's blocks by sample id (from local disk or object storage)."""
@@ -122,7 +125,9 @@ def data_fingerprint(cfg: DataConfig, files: list[CorpusFile], tokenizer_fingerp
         "split": cfg.split.model_dump(mode="json"),
         "bad_records": [cfg.on_bad_record, cfg.max_document_bytes],
         **({"examples": [cfg.file_type, cfg.fields.model_dump(), cfg.chat_template, cfg.prompt_template,
-                         cfg.train_on_prompt, cfg.packing_mode, cfg.too_long]} if cfg.has_examples else {}),
+                         cfg.train_on_prompt, cfg.packing_mode, cfg.too_long_mode]} if cfg.has_examples else {}),
+        **({"labelled": [cfg.file_type, cfg.fields.model_dump(), cfg.label_field, cfg.label_names, cfg.subword_labels,
+                         cfg.too_long_mode]} if cfg.is_labelled else {}),
     })
 
 
@@ -154,7 +159,7 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
         kept_at = tokenizer_location(cfg.cache_dir, model_key)
         # The tokenizer loads (importing transformers, seconds, unless it was kept) while Ray starts.
         with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
-            tokenizer = pool.submit(backend_tokenizer, model_ref, kept_at)
+            tokenizer = pool.submit(backend_tokenizer, model_ref, kept_at, not cfg.is_labelled)
             with timed(seconds, "starting Ray"):
                 ensure_ray(ray_config or RayConfig(), dashboard=False)  # training starts Ray (with it) before this
             with timed(seconds, "loading the tokenizer"):
@@ -172,12 +177,14 @@ def prepare_data(cfg: DataConfig, model_ref: str, ray_config: RayConfig | None =
     return PreparedData(root=root, fingerprint=fingerprint, seq_len=meta["seq_len"], stats=meta["stats"],
                         cache_hit=cache_hit, bad_records=counts, bad_examples=examples, token_files=token_files,
                         seconds=seconds, labelled=meta["labelled"], plans=meta["plans"], pad_id=meta["pad_id"],
-                        samples=meta["samples"])
+                        samples=meta["samples"], label_names=tuple(meta.get("label_names") or ()))
 
 
 def checked_tokenizer(cfg: DataConfig, loaded: SavedTokenizer, model_ref: str) -> SavedTokenizer:
     """The tokenizer the actors use; a chat format needs a chat template that compiles."""
     tokenizer = with_chat_template(loaded, cfg.chat_template)
+    if cfg.is_labelled and tokenizer.text.pad_token_id is None and tokenizer.text.eos_token_id is None:
+        raise ConfigError(f"model.path: the tokenizer of '{model_ref}' has neither a pad nor an EOS token to pad blocks with")
     if cfg.format == "chat":
         if not tokenizer.text.chat_template:
             raise ConfigError(f"data.chat_template: the tokenizer of '{model_ref}' has no chat template; set one")
@@ -219,9 +226,13 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
         chunks = [[{"location": p.file.location, "name": p.file.name, "size": p.file.size, "start": p.start,
                     "end": p.end} for p in chunk]
                   for chunk in plan_chunks(files, cfg, chunk_size(files, cfg.chunk_bytes, cfg.tokenize_actors))]
+        labels = None
+        if cfg.is_labelled:
+            with timed(seconds, "counting the training labels"):
+                labels = label_map(cfg, training_labels(chunks, cfg) if cfg.label_names is None else ())
         with timed(seconds, "reading + tokenizing"):
             results = tokenize_chunks([{"chunk": i, "pieces": pieces} for i, pieces in enumerate(chunks)], cfg,
-                                      tokenizer, root)
+                                      tokenizer, root, labels)
         bad = _bad_records(cfg, results, chunks)
         documents = {split: sum(r["documents"][split] for r in results) for split in SPLITS}
         if not any(documents.values()):
@@ -234,10 +245,11 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
             blocks = layout([TokenFile(**f) for f in token_files[split]], cfg.seq_len)
             stats[split] = {"documents": documents[split], "tokens": blocks.tokens, "blocks": blocks.blocks,
                             "dropped_tail_tokens": blocks.dropped_tail_tokens}
-            if cfg.has_examples and cfg.packing_mode != "naive":
+            if cfg.reads_records and cfg.packing_mode != "naive":
                 plans[split], stats[split] = _write_plan(cfg, root, split, results, stats[split])
         meta = {"version": PACK_FORMAT_VERSION, "seq_len": cfg.seq_len, "stats": stats, "files": token_files,
-                "labelled": cfg.has_examples, "plans": plans, "pad_id": tokenizer.text.eos_token_id,
+                "labelled": cfg.reads_records, "plans": plans, "pad_id": _pad_id(cfg, tokenizer),
+                "label_names": list(labels.names) if labels else None,
                 "samples": [s for r in results for s in r["samples"]][:SAMPLE_CANDIDATES],
                 "model_ref": model_ref, "bad_records": bad.counts, "bad_examples": bad.examples,
                 "corpus": [f.location for f in files], "data_config": cfg.model_dump(mode="json")}
@@ -246,6 +258,12 @@ def _build(cfg: DataConfig, files: list[CorpusFile], model_ref: str, root: str, 
     except BaseException:
         storage.delete(root)
         raise
+
+
+def _pad_id(cfg: DataConfig, tokenizer: SavedTokenizer) -> int:
+    """Blocks of examples are padded with EOS; an encoder's (labelled formats) with its pad token."""
+    text = tokenizer.text
+    return text.pad_token_id if cfg.is_labelled and text.pad_token_id is not None else text.eos_token_id
 
 
 def _write_plan(cfg: DataConfig, root: str, split: str, results: list[dict], stats: dict) -> tuple[dict, dict]:

@@ -5,45 +5,31 @@ the docstring; the assistant answers with the docstring the function really has.
 human-written and PSF-licensed, and they ship with every interpreter. One JSON-lines file per
 top-level module (`<module>.jsonl`), so `data.split.rule: path_hash` holds whole modules out.
 
-`data.path: builtin:stdlib-docstrings` builds it once under `data.cache_dir/datasets/`.
+`data.path: builtin:stdlib-docstrings` builds it once under `data.cache_dir/datasets/` (pipeline.data.builtin).
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import sys
 import sysconfig
 import textwrap
 from pathlib import Path
 
-from pipeline import storage
-from pipeline.config import ConfigError
-
 NAME = "stdlib-docstrings"
-BUILTIN_PREFIX = "builtin:"
 FORMAT_VERSION = 1  # bump when the examples change, so a kept copy is rebuilt
 SKIPPED_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages", "_bundled", "turtledemo"}
 MIN_DOCSTRING_CHARS, MAX_DOCSTRING_CHARS = 40, 1200
 MAX_CODE_LINES = 40  # longer functions make prompts longer than a small model's blocks
 
 
-def builtin_path(path: str, cache_dir: str) -> str:
-    """`builtin:stdlib-docstrings` -> the directory of its files (built once); other paths unchanged."""
-    if not path.startswith(BUILTIN_PREFIX):
-        return path
-    name = path[len(BUILTIN_PREFIX):]
-    if name != NAME:
-        raise ConfigError(f"data.path: unknown built-in dataset '{name}' (there is: {NAME})")
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    location = storage.join(cache_dir, "datasets", f"{NAME}-py{version}-v{FORMAT_VERSION}")
-    done = storage.join(location, "_COMPLETE")
-    if not storage.is_file(done):
-        for module, records in examples_by_module(Path(sysconfig.get_paths()["stdlib"])).items():
-            storage.write_text(storage.join(location, f"{module}.jsonl"),
-                               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        storage.write_text(done, "")  # last: a build that died is redone
-    return location  # its marker file is empty: no records
+def version() -> str:
+    """The built copy's version: this interpreter's standard library and the examples' format."""
+    return f"py{sys.version_info.major}.{sys.version_info.minor}-v{FORMAT_VERSION}"
+
+
+def records_by_file() -> dict[str, list[dict]]:
+    return examples_by_module(Path(sysconfig.get_paths()["stdlib"]))
 
 
 def examples_by_module(stdlib: Path) -> dict[str, list[dict]]:

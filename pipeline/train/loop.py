@@ -22,6 +22,7 @@ from pipeline.console import progress_line
 from pipeline.noise import NoiseContext, noise_context, sigma_at
 from pipeline.train.checkpoints import TAG_FILE, write_manifest
 from pipeline.train.clock import TickClock, check_ticks_agree
+from pipeline.train.objective import CausalLM, Objective
 from pipeline.train.source import MicroBatch, TickBatches
 from pipeline.train.startup import SHARED_TAG, Startup
 from pipeline.train.tick_log import TickLog
@@ -62,18 +63,21 @@ class Progress:
 
 def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches: TickBatches,
                 evaluation: list[MicroBatch], ticks: TickLog, reporter: Reporter, say,
-                samples: Callable[..., list | None] | None = None, startup: Startup | None = None) -> None:
+                samples: Callable[..., list | None] | None = None, startup: Startup | None = None,
+                objective: Objective | None = None) -> None:
     """Ticks until train.max_ticks: micro-steps under the tick's noise, then log, evaluate, checkpoint.
     `samples(engine, tick)` runs after every evaluation (sample generations) and returns them;
     `samples(engine, tick, generations)` logs ones generated before. `startup` times the run's start
-    and may hold a sweep's shared tick-0 evaluation."""
+    and may hold a sweep's shared tick-0 evaluation. `objective`: what the model learns (its loss and
+    evaluation); None, the causal LM's."""
     t = cfg.train
     engine, clock = me.engine, progress.clock
+    objective = objective or CausalLM()
 
     def evaluate() -> tuple[dict[str, float], list | None]:
-        loss = _evaluate(engine, evaluation, me.device)
+        metrics = _evaluate(objective, engine, evaluation, me.device)
         generations = samples(engine, clock.tick) if samples is not None else None
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}, generations
+        return metrics, generations
 
     if progress.first_eval is None:
         shared = startup.shared if startup is not None else None
@@ -89,7 +93,7 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
             if samples is not None and generations is not None:
                 samples(engine, clock.tick, generations)
         ticks.log({**progress.first_eval, "tick": clock.tick}, clock.tick)
-        say(_eval_line(clock.tick, progress.first_eval,
+        say(_eval_line(objective, clock.tick, progress.first_eval,
                        f" (before training{'' if reused is None else '; the sweep computed it once'})"))
     elif startup is not None:
         startup.first_eval = "first eval from the checkpoint"
@@ -110,15 +114,15 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
         tick_noise = clock.tick
         micro_batches = batches.get(clock.tick)
         data_wait = time.perf_counter() - started
-        # Each micro loss is its token-loss sum over the tick's share per micro step of all target
-        # tokens: DeepSpeed's mean over micro steps and ranks then gives the tick's per-token mean, the
-        # same however the tick's blocks (with unequal response tokens) are spread over ranks.
-        per_micro = torch.tensor(_tick_targets(micro_batches, me) / (len(micro_batches) * me.world))
+        # Each micro loss is its targets' loss sum over the tick's share per micro step of all targets
+        # (tokens, examples, tags): DeepSpeed's mean over micro steps and ranks then gives the tick's
+        # per-target mean, the same however the tick's blocks (with unequal targets) are spread over ranks.
+        per_micro = torch.tensor(_tick_targets(micro_batches, me, objective) / (len(micro_batches) * me.world))
         losses = []
         for micro, batch in enumerate(micro_batches):
             # The backward pass stays inside the context: activation recomputation must see the same noise.
             with noise_context(_noise_context(cfg.noise, sigma, tick_noise, batch, me.device)):
-                loss = engine(**batch.model_inputs(me.device), num_items_in_batch=per_micro).loss
+                loss = objective.loss(engine, batch, me.device, per_micro)
                 engine.backward(loss)
             if measure_grad_norm and micro == len(micro_batches) - 1:
                 grad_norm = _grad_norm(engine.module)  # averaged over ranks, before clipping
@@ -148,7 +152,7 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
             ticks.log(metrics, clock.tick)
             say(_progress_line(metrics, t.max_ticks))
             if evaluated:
-                say(_eval_line(clock.tick, metrics))
+                say(_eval_line(objective, clock.tick, metrics))
         checkpoint_due = (t.checkpoint_every and clock.tick % t.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
             report = {**metrics, **{f"{k}_start": v for k, v in progress.first_eval.items()}}
@@ -206,12 +210,12 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def _tick_targets(micro_batches: list[MicroBatch], me: Rank) -> float:
-    """Target tokens in the tick's global batch. Raw-text blocks all have the same number, so only
-    labelled ones (responses of unequal length) need the ranks to add theirs up."""
+def _tick_targets(micro_batches: list[MicroBatch], me: Rank, objective: Objective) -> float:
+    """Targets in the tick's global batch. Raw-text blocks all have the same number, so only labelled
+    ones (responses of unequal length, scored tokens) need the ranks to add theirs up."""
     import torch.distributed as dist
 
-    local = sum(batch.targets for batch in micro_batches)
+    local = sum(objective.targets(batch) for batch in micro_batches)
     if all(batch.labels is None for batch in micro_batches):
         return float(local * me.world)
     total = torch.tensor([float(local)], dtype=torch.float64, device=me.device)
@@ -219,21 +223,14 @@ def _tick_targets(micro_batches: list[MicroBatch], me: Rank) -> float:
     return float(total)
 
 
-def _evaluate(engine, batches: list[MicroBatch], device) -> float:
-    """Mean loss per target token (responses only, for examples) over the run's fixed eval subset,
-    summed across all ranks."""
-    import torch.distributed as dist
-
+def _evaluate(objective: Objective, engine, batches: list[MicroBatch], device) -> dict[str, float]:
+    """The objective's eval metrics over the run's fixed eval subset: the model in eval mode (no
+    dropout), without gradients, always noise-free."""
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    summed = torch.tensor(1.0)  # the loss comes back as a sum over the batch's target tokens
-    with torch.no_grad(), noise_context(None):  # evaluation is always noise-free
-        for batch in batches:
-            totals[0] += engine(**batch.model_inputs(device), num_items_in_batch=summed).loss.double()
-            totals[1] += batch.targets
+    with torch.no_grad(), noise_context(None):
+        metrics = objective.evaluate(engine, batches, device)
     engine.train()
-    dist.all_reduce(totals)
-    return float(totals[0] / totals[1])
+    return metrics
 
 
 def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
@@ -251,8 +248,8 @@ def _progress_line(metrics: dict, total: int) -> str:
         f"{metrics['tokens_per_s']:.0f} tok/s"])
 
 
-def _eval_line(tick: int, metrics: dict, note: str = "") -> str:
-    return f"[pipeline] tick {tick}: eval loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}{note}"
+def _eval_line(objective: Objective, tick: int, metrics: dict, note: str = "") -> str:
+    return f"[pipeline] tick {tick}: {objective.describe(metrics)}{note}"
 
 
 class NonFiniteLoss(FloatingPointError):

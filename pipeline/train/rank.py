@@ -23,6 +23,7 @@ from pipeline.tracking.buffer import BufferedTracker
 from pipeline.tracking.secrets import redact
 from pipeline.train.checkpoints import local_checkpoint, needs_conversion, resume_point, saved_world_size, universal_copy
 from pipeline.train.loop import Rank, Reporter, resume, train_ticks
+from pipeline.train.objective import objective_for
 from pipeline.train.partitioned import load_partitioned_causal_lm
 from pipeline.train.samples import SampleGenerations
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
@@ -53,15 +54,18 @@ def sample_order(cfg: Config, data: PreparedData) -> SampleOrder:
                        shuffle=cfg.train.shuffle)
 
 
-def build_model(config: Config, model_ref: str):
+def build_model(config: Config, model_ref: str, label_names: tuple[str, ...] = ()):
     """The HF model as every rank trains it: fused norms, the NEFTune hook on the input embedding, the
     configured attention, activation checkpointing, and at ZeRO-3 already partitioned (no rank holds
-    it whole); (model, the norm report)."""
-    from pipeline.models import attach_embedding_noise, load_causal_lm, patch_norms_with_report
+    it whole); (model, the norm report). A classification task's encoder gets its head for
+    `label_names` (the prepared data's classes), new and seeded alike on every rank."""
+    from pipeline.models import attach_embedding_noise, load_causal_lm, load_classifier, patch_norms_with_report
 
     torch.manual_seed(config.train.seed)
     attention = config.model.attn_implementation
-    if config.train.zero_stage == 3:
+    if config.model.task != "causal_lm":  # at stages 0-2 (launch.check_task): the partitioned loader is an LM's
+        model = load_classifier(model_ref, config.model.task, label_names, attn_implementation=attention)
+    elif config.train.zero_stage == 3:
         model = load_partitioned_causal_lm(model_ref, deepspeed_config(config.train), attention)
     else:
         model = load_causal_lm(model_ref, attn_implementation=attention)
@@ -82,7 +86,7 @@ def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, u
     """The model with fused norms, under a DeepSpeed engine; `universal` when it will load a
     universal checkpoint (written by another number of ranks)."""
     cfg = plan.config.train
-    model, norms = build_model(plan.config, plan.model_ref)
+    model, norms = build_model(plan.config, plan.model_ref, plan.data.label_names)
     startup.done("model")
     import deepspeed
 
@@ -170,7 +174,8 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
         evaluation = eval_batches(data.reader("eval"), progress.eval_samples, rank, world, cfg.micro_batch_size)
         ticks, samples = TickLog(tracker, progress.clock.tick, say, progress.unsent or []), _sample_generations(plan, tracker)
         startup.done("tracking")
-        train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation, ticks, reporter, say, samples, startup)
+        train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation, ticks, reporter, say, samples, startup,
+                    objective_for(plan.config, data.label_names))
     finally:
         if batches is not None:
             batches.close()

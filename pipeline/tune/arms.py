@@ -7,8 +7,8 @@ Arms, as overrides on the sweep's config:
 - `zero`: the same with no noise at all (noise.sigma 0, noise.site norm: no NEFTune either);
 - `neftune`, when some search trial had NEFTune on (noise.site embedding or both with
   noise.neftune_alpha > 0): norm noise off (σ = 0, site embedding) and NEFTune on at the α of the
-  best such trial (the first of them in the trials table, i.e. the lowest final eval loss); with
-  `confirm.only`, at the config's own α. Left out when the confirmed config is NEFTune alone
+  best such trial (the first of them in the trials table, i.e. the best final value of
+  `sweep.metric`); with `confirm.only`, at the config's own α. Left out when the confirmed config is NEFTune alone
   (no norm noise), since it would be the `noisy` arm again.
 
 Confirmation seed k (1..sweep.confirm.seeds) sets train.seed and noise.seed to the confirmed
@@ -68,14 +68,14 @@ def check_confirm_only(cfg: Config) -> None:
 
 
 def plan_confirmation(cfg: Config, ranked: list[tuple[str, float, dict]] | None) -> ConfirmPlan | None:
-    """The plan for `cfg`'s sweep. `ranked`: the search trials as (trial id, final eval loss, Tune
-    params), best first; None with `sweep.confirm.only`. None when no search trial had noise on."""
+    """The plan for `cfg`'s sweep. `ranked`: the search trials as (trial id, final value of
+    `sweep.metric`, Tune params), best first; None with `sweep.confirm.only`. None when no search trial had noise on."""
     if ranked is None:
         check_confirm_only(cfg)
         chosen, source, neftune_from = [], "the config as given", cfg
     else:
         scored = [(trial, cfg.with_overrides(trial_overrides(params)), params)
-                  for trial, loss, params in ranked if not math.isnan(loss)]
+                  for trial, value, params in ranked if not math.isnan(value)]
         noisy = [(trial, params) for trial, trial_cfg, params in scored if norm_noise_on(trial_cfg) or neftune_on(trial_cfg)]
         if not noisy:
             return None

@@ -19,6 +19,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.tracking import RunTarget, Tracker
 from pipeline.tune.arms import ConfirmPlan, plan_confirmation
+from pipeline.tune.goal import Goal
 from pipeline.tune.paired import COMPARISONS, Paired, pair_up, plot_pairs
 from pipeline.tune.summary import CONFIRM_COLUMNS, Trial, collect_trials, settings, write_csv
 
@@ -34,7 +35,7 @@ def confirmation_plan(cfg: Config, experiment_dir: str, search: list[Trial] | No
     saved = storage.join(experiment_dir, PLAN_FILE)
     if resume and storage.exists(saved):
         return ConfirmPlan.model_validate_json(storage.read_text(saved))
-    ranked = None if search is None else [(t.trial_id, t.eval_loss, params[t.trial_id])
+    ranked = None if search is None else [(t.trial_id, t.value, params[t.trial_id])
                                           for t in search if t.trial_id in params]
     plan = plan_confirmation(cfg, ranked)
     if plan is not None:
@@ -63,19 +64,21 @@ def confirm_tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experime
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                                   storage_filesystem=filesystem,
                                   callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
-                                             SweepProgress("confirmation", plan.runs, cfg.train.max_ticks)]),
+                                             SweepProgress("confirmation", plan.runs, cfg.train.max_ticks,
+                                                           Goal.of(cfg.sweep))]),
     )
 
 
 @dataclass(frozen=True)
 class Confirmation:
     plan: ConfirmPlan
-    runs: list[Trial]
+    goal: Goal
+    runs: list[Trial]  # best final value first
     paired: list[Paired]  # the comparisons with at least 2 complete pairs
 
-    def losses(self) -> dict[tuple[str, int], float]:
-        """(arm, seed) -> final eval loss of the runs that trained to the end (nan otherwise)."""
-        return {(r.arm, r.seed): r.eval_loss if r.status == "FINISHED" else math.nan for r in self.runs}
+    def values(self) -> dict[tuple[str, int], float]:
+        """(arm, seed) -> the metric's final value in the runs that trained to the end (nan otherwise)."""
+        return {(r.arm, r.seed): r.value if r.status == "FINISHED" else math.nan for r in self.runs}
 
     def sentences(self) -> list[str]:
         noisy = next((r for r in self.runs if r.arm == "noisy"), None)
@@ -92,30 +95,30 @@ class Confirmation:
     def metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {"confirm_seeds": len(self.plan.seeds)}
         for arm in self.plan.arms:
-            finished = [loss for (a, _), loss in self.losses().items() if a == arm and not math.isnan(loss)]
+            finished = [value for (a, _), value in self.values().items() if a == arm and not math.isnan(value)]
             if finished:
-                metrics[f"confirm_{arm}_eval_loss"] = statistics.fmean(finished)  # mean over its seeds
+                metrics[f"confirm_{arm}_{self.goal.metric}"] = statistics.fmean(finished)  # mean over its seeds
         for paired in self.paired:
             metrics.update(paired.metrics())
         return metrics
 
     def best_noisy(self) -> Trial | None:
-        """The noisy arm's run with the lowest final eval loss (what `confirm.only` registers)."""
+        """The noisy arm's run with the best final value (what `confirm.only` registers)."""
         return next((r for r in self.runs if r.arm == "noisy" and r.status == "FINISHED"
-                     and not math.isnan(r.eval_loss)), None)
+                     and not math.isnan(r.value)), None)
 
 
-def confirm_report(parent: Tracker, plan: ConfirmPlan, report_dir: Path) -> Confirmation:
-    """Read the confirmation runs back from MLflow, pair them, log the numbers to the parent run, and
-    write `confirm.csv` and one paired plot per comparison into `report_dir`."""
-    runs = collect_trials(parent.target, phase="confirm")
-    losses = Confirmation(plan, runs, []).losses()
+def confirm_report(parent: Tracker, plan: ConfirmPlan, report_dir: Path, goal: Goal) -> Confirmation:
+    """Read the confirmation runs back from MLflow, pair them on `goal`, log the numbers to the
+    parent run, and write `confirm.csv` and one paired plot per comparison into `report_dir`."""
+    runs = collect_trials(parent.target, phase="confirm", goal=goal)
+    values = Confirmation(plan, goal, runs, []).values()
     paired = [p for c in COMPARISONS if c.baseline in plan.arms and c.treatment in plan.arms
-              if (p := pair_up(c, losses)) is not None]
-    confirmation = Confirmation(plan, runs, paired)
+              if (p := pair_up(c, values, goal)) is not None]
+    confirmation = Confirmation(plan, goal, runs, paired)
     parent.log_metrics(confirmation.metrics(), step=0)
     parent.log_params({"confirm.source": plan.source, "confirm.arms": ",".join(plan.arms)})
-    write_csv(runs, report_dir / "confirm.csv", CONFIRM_COLUMNS)
+    write_csv(runs, report_dir / "confirm.csv", goal, CONFIRM_COLUMNS)
     for p in paired:
         plot_pairs(p, report_dir / f"confirm_{p.comparison.name}.png")
     return confirmation

@@ -1,8 +1,10 @@
-"""The confirmation's statistics: paired differences in final eval loss over seeds, their 95%
-t-interval, the verdict sentence and the paired plot. No Ray, no MLflow.
+"""The confirmation's statistics: paired differences in the final `sweep.metric` over seeds, their
+95% t-interval, the verdict sentence and the paired plot. No Ray, no MLflow.
 
-Sign convention, for every comparison: difference = baseline's final eval loss minus the
-treatment's at the same seed, so a positive difference means the treatment (the noise) helped.
+Sign convention, for every comparison: the difference is the treatment's gain over the baseline at
+the same seed, so a positive difference means the treatment (the noise) helped: the baseline's
+final eval loss minus the treatment's for a metric to minimise, the treatment's accuracy minus the
+baseline's for one to maximise (`Goal.gain`).
 Pairing by seed takes out what the seed does to both runs (data order, noise stream); the interval
 is over seeds, so it says how much the difference varies from one seed to another.
 """
@@ -13,6 +15,8 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.tune.goal import Goal
 
 CONFIDENCE = 0.95
 
@@ -40,12 +44,13 @@ COMPARISONS = (
 
 @dataclass(frozen=True)
 class Paired:
-    """One comparison's pairs: per seed, the baseline's and the treatment's final eval loss."""
+    """One comparison's pairs: per seed, the baseline's and the treatment's final value of the metric."""
 
     comparison: Comparison
     seeds: tuple[int, ...]
     baseline: tuple[float, ...]
     treatment: tuple[float, ...]
+    goal: Goal
 
     def __post_init__(self):
         if not len(self.seeds) == len(self.baseline) == len(self.treatment) >= 2:
@@ -53,7 +58,7 @@ class Paired:
 
     @property
     def diffs(self) -> list[float]:
-        return [b - t for b, t in zip(self.baseline, self.treatment)]
+        return [self.goal.gain(b, t) for b, t in zip(self.baseline, self.treatment)]
 
     @property
     def mean(self) -> float:
@@ -89,8 +94,8 @@ class Paired:
 
     def sentence(self) -> str:
         c = self.comparison
-        detail = (f"(final eval loss, {c.baseline} minus {c.treatment} at the same seed, mean of {len(self.diffs)} "
-                  f"pairs, 95% CI [{self.low:.4f}, {self.high:.4f}])")
+        detail = (f"(final {self.goal.label}, {self.goal.difference_words(c.baseline, c.treatment)} at the "
+                  f"same seed, mean of {len(self.diffs)} pairs, 95% CI [{self.low:.4f}, {self.high:.4f}])")
         if self.outcome == "helped":
             return f"{c.helped} by {self.mean:.4f} ± {self.half_width:.4f} {detail}"
         if self.outcome == "hurt":
@@ -98,33 +103,35 @@ class Paired:
         return f"no detectable difference {c.between}: {self.mean:+.4f} ± {self.half_width:.4f} {detail}"
 
 
-def pair_up(comparison: Comparison, losses: dict[tuple[str, int], float]) -> Paired | None:
-    """The comparison over every seed at which both arms have a final eval loss ((arm, seed) -> loss);
-    None when fewer than 2 seeds do (an arm missing from the plan, or failed runs)."""
-    seeds = sorted(seed for arm, seed in losses if arm == comparison.treatment
-                   and not math.isnan(losses[arm, seed]) and not math.isnan(losses.get((comparison.baseline, seed), math.nan)))
+def pair_up(comparison: Comparison, values: dict[tuple[str, int], float], goal: Goal) -> Paired | None:
+    """The comparison over every seed at which both arms have a final value of the metric
+    ((arm, seed) -> value); None when fewer than 2 seeds do (an arm missing from the plan, or failed runs)."""
+    seeds = sorted(seed for arm, seed in values if arm == comparison.treatment
+                   and not math.isnan(values[arm, seed]) and not math.isnan(values.get((comparison.baseline, seed), math.nan)))
     if len(seeds) < 2:
         return None
-    return Paired(comparison, tuple(seeds), tuple(losses[comparison.baseline, s] for s in seeds),
-                  tuple(losses[comparison.treatment, s] for s in seeds))
+    return Paired(comparison, tuple(seeds), tuple(values[comparison.baseline, s] for s in seeds),
+                  tuple(values[comparison.treatment, s] for s in seeds), goal)
 
 
 def plot_pairs(paired: Paired, path: Path) -> Path:
-    """Per seed, the baseline's and the treatment's final eval loss, joined by a line; the verdict as title."""
+    """Per seed, the baseline's and the treatment's final value, joined by a line (green where the
+    treatment did better); the verdict as title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = paired.comparison
+    c, goal = paired.comparison, paired.goal
     figure, axes = plt.subplots(figsize=(5, 4))
     for seed, before, after in zip(paired.seeds, paired.baseline, paired.treatment):
-        axes.plot([0, 1], [before, after], marker="o", color="tab:green" if before > after else "tab:red",
-                  label=f"seed {seed}: {before - after:+.4f}")
+        gain = goal.gain(before, after)
+        axes.plot([0, 1], [before, after], marker="o", color="tab:green" if gain > 0 else "tab:red",
+                  label=f"seed {seed}: {gain:+.4f}")
     axes.set_xticks([0, 1], [c.baseline, c.treatment])
-    axes.set(xlim=(-0.4, 1.4), ylabel="final eval loss")
-    axes.set_title(f"{c.name}: {paired.mean:+.4f} ± {paired.half_width:.4f} (95% CI, {c.baseline} − {c.treatment})",
-                   fontsize=9)
+    axes.set(xlim=(-0.4, 1.4), ylabel=f"final {goal.label}")
+    difference = goal.difference_words(c.baseline, c.treatment).replace(" minus ", " − ")
+    axes.set_title(f"{c.name}: {paired.mean:+.4f} ± {paired.half_width:.4f} (95% CI, {difference})", fontsize=9)
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

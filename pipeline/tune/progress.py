@@ -1,5 +1,5 @@
 """A sweep's progress on the console: trials done of all, how many run now, how many ASHA stopped,
-and the best eval loss so far (`pipeline.console` draws it as a bar on a terminal)."""
+and the best value of the sweep's metric so far (`pipeline.console` draws it as a bar on a terminal)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 from ray import tune
 
 from pipeline import console
+from pipeline.tune.goal import LOSS, Goal
 from pipeline.tune.trial import trained_every_tick
 
 
@@ -15,8 +16,8 @@ class SweepProgress(tune.Callback):
     """Counted from Tune's own trial list at every event, so a resumed sweep counts its earlier
     trials too. Module level on purpose: Tune pickles callbacks into the experiment state."""
 
-    def __init__(self, noun: str, total: int, max_ticks: int):
-        self.noun, self.total, self.max_ticks = noun, total, max_ticks
+    def __init__(self, noun: str, total: int, max_ticks: int, goal: Goal):
+        self.noun, self.total, self.max_ticks, self.goal = noun, total, max_ticks, goal
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._show(trials)
@@ -41,8 +42,11 @@ class SweepProgress(tune.Callback):
         fields = [f"{sum(s == 'RUNNING' for s in status.values())} running", f"{stopped} stopped by ASHA"]
         if failed:
             fields.append(f"{failed} failed")
-        losses = {t.trial_id: (t.last_result or {}).get("eval_loss", math.nan) for t in trials}
-        best = min((trial_id for trial_id, loss in losses.items() if math.isfinite(loss)), key=losses.get, default=None)
+        # A callback pickled by a sweep from before sweep.metric existed has no goal: it optimised eval loss.
+        goal = getattr(self, "goal", LOSS)
+        values = {t.trial_id: (t.last_result or {}).get(goal.metric, math.nan) for t in trials}
+        best = min((trial_id for trial_id, value in values.items() if math.isfinite(value)),
+                   key=lambda trial_id: goal.rank_key(values[trial_id]), default=None)
         if best is not None:
-            fields.append(f"best eval loss {losses[best]:.4f} (trial {best})")
+            fields.append(f"best {goal.label} {values[best]:.4f} (trial {best})")
         console.progress(self.noun, len(ended), max(self.total, len(trials)), fields)

@@ -1,7 +1,7 @@
 """`pipeline tune`: a Ray Tune sweep over config paths, recorded in MLflow as one parent run.
 
     prepare once (model + packed data, fingerprint cache) -> parent run -> search: Tuner(run_trial
-    per trial, Optuna TPE or random, ASHA on eval loss by tick) -> trials table, CSV, plots ->
+    per trial, Optuna TPE or random, ASHA on sweep.metric by tick) -> trials table, CSV, plots ->
     confirmation: a second Tuner (the confirmed config and its σ = 0 twin, and a NEFTune twin, on
     sweep.confirm.seeds fresh seeds) -> paired differences, intervals, verdict -> the best search
     trial's model exported, logged and registered
@@ -29,8 +29,9 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline import console, storage
-from pipeline.config import Config, ConfigError, describe_error, to_yaml
+from pipeline.config import EVAL_METRICS, Config, ConfigError, describe_error, to_yaml
 from pipeline.tracking import RunTarget, Tracker
+from pipeline.tune.goal import Goal
 
 if TYPE_CHECKING:
     from pipeline.data import PreparedData
@@ -68,6 +69,10 @@ def check_sweep(cfg: Config) -> None:
     from pipeline.tune.arms import check_confirm_only
     from pipeline.tune.space import check_space
 
+    metric, reported = cfg.sweep.metric, EVAL_METRICS[cfg.model.task]
+    if metric not in reported and any(metric in names for names in EVAL_METRICS.values()):
+        raise ConfigError(f"sweep.metric: model.task '{cfg.model.task}' does not report '{metric}'; its evaluation "
+                          f"reports {', '.join(reported)}")
     if cfg.sweep.confirm.only:  # no search: no space, no ASHA to feed
         check_confirm_only(cfg)
         return
@@ -78,7 +83,7 @@ def check_sweep(cfg: Config) -> None:
                           f"e.g. to sweep.scheduler.grace_period ({cfg.sweep.scheduler.grace_period})")
     if train.checkpoint_every % train.eval_every:
         raise ConfigError(f"train.checkpoint_every: in a sweep it must be a multiple of train.eval_every "
-                          f"({train.eval_every}): every result Tune sees must carry an eval loss")
+                          f"({train.eval_every}): every result Tune sees must carry {metric}")
 
 
 def run_sweep(cfg: Config | None = None, resume: str | None = None) -> SweepOutcome:
@@ -130,6 +135,10 @@ class _Sweep:
     experiment_dir: str
     concurrency: int
 
+    @property
+    def goal(self) -> Goal:
+        return Goal.of(self.cfg.sweep)
+
     def run(self, resume: bool) -> SweepOutcome:
         from pipeline.tune.confirm import confirm_tuner, confirmation_plan
         from pipeline.tune.summary import collect_trials, format_confirm_table, format_table, settings
@@ -141,14 +150,14 @@ class _Sweep:
             results = _tuner(cfg, self.model_ref, self.data, target, self.experiment_dir, resume, self.concurrency).fit()
             if _cut_short(target, results, cfg.sweep.num_samples):
                 return interrupted
-            search = collect_trials(target)
+            search = collect_trials(target, goal=self.goal)
             params = {r.metrics["trial_id"]: r.config for r in results if r.metrics}
             checkpoints = _checkpoints(results)
             best = self._search_report(search)
-            tables.append(format_table(search))
+            tables.append(format_table(search, self.goal))
             console.echo(tables[-1])
         lines = [] if best is None else [f"best search trial {best.trial_id}: {settings(best)}, "
-                                         f"final eval loss {best.eval_loss:.4f}"]
+                                         f"final {self.goal.label} {best.value:.4f}"]
         if cfg.sweep.confirm.seeds:
             plan = confirmation_plan(cfg, self.experiment_dir, search, params, resume)
             if plan is None:
@@ -161,7 +170,7 @@ class _Sweep:
                 checkpoints.update(_checkpoints(results))
                 confirmation = self._confirm_report(plan)
                 lines += confirmation.sentences()
-                tables.append(format_confirm_table(confirmation.runs))
+                tables.append(format_confirm_table(confirmation.runs, self.goal))
                 if best is None:  # confirm.only: the noisy arm's best seed is the model to keep
                     best = confirmation.best_noisy()
                     if best is not None:
@@ -173,7 +182,8 @@ class _Sweep:
         registered = None
         if best is not None:
             registered = _register_best(cfg, self.model_ref, self.parent, best, checkpoints.get(best.trial_id)
-                                        or _newest_checkpoint(self.experiment_dir, best.trial_id), self.experiment_dir)
+                                        or _newest_checkpoint(self.experiment_dir, best.trial_id), self.experiment_dir,
+                                        self.data.label_names)
             _keep_optimizer_state_of(best.trial_id, self.experiment_dir)
         return SweepOutcome(target.run_id, self.experiment_dir, interrupted=False, table="\n\n".join(tables),
                             verdict=verdict, registered=registered)
@@ -181,12 +191,13 @@ class _Sweep:
     def _search_report(self, trials):
         from pipeline.tune.summary import best_trial, write_csv, write_plots
 
-        best = best_trial(trials)
+        goal = self.goal
+        best = best_trial(trials, goal)
         with self._report() as report_dir:
-            write_csv(trials, report_dir / "trials.csv")
-            write_plots(trials, report_dir)
+            write_csv(trials, report_dir / "trials.csv", goal)
+            write_plots(trials, report_dir, goal)
         self._log_best(best)
-        self.parent.log_metrics({"best_eval_loss": best.eval_loss, "trials": len(trials)}, step=0)
+        self.parent.log_metrics({goal.best_metric: best.value, "trials": len(trials)}, step=0)
         return best
 
     def _log_best(self, best) -> None:
@@ -197,7 +208,7 @@ class _Sweep:
         from pipeline.tune.confirm import confirm_report
 
         with self._report() as report_dir:
-            return confirm_report(self.parent, plan, report_dir)
+            return confirm_report(self.parent, plan, report_dir, self.goal)
 
     @contextlib.contextmanager
     def _report(self) -> Iterator[Path]:
@@ -261,13 +272,15 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
     param_space, first_points = _space(cfg)
     return tune.Tuner(
         run, param_space=param_space,
-        tune_config=tune.TuneConfig(metric="eval_loss", mode="min", search_alg=_searcher(cfg, first_points),
+        tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.metric_mode,
+                                    search_alg=_searcher(cfg, first_points),
                                     scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                                   storage_filesystem=filesystem,
                                   callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
-                                             SweepProgress("trial", cfg.sweep.num_samples, cfg.train.max_ticks)]),
+                                             SweepProgress("trial", cfg.sweep.num_samples, cfg.train.max_ticks,
+                                                           Goal.of(cfg.sweep))]),
     )
 
 
@@ -326,7 +339,7 @@ def _newest_checkpoint(experiment_dir: str, trial_id: str) -> str | None:
 
 
 def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoint: str | None,
-                   experiment_dir: str) -> str | None:
+                   experiment_dir: str, label_names: tuple[str, ...]) -> str | None:
     """Export the best trial's final checkpoint (its location, reported by its driver), log it to its
     run, register it. A sweep resumed after it registered its model keeps that version."""
     from pipeline.tracking.sweeps import register_model
@@ -337,7 +350,7 @@ def _register_best(cfg: Config, model_ref: str, parent: Tracker, best, checkpoin
     if "registered_model" in parent.tags():
         return parent.tags()["registered_model"]
     model = export_in_task(cfg, checkpoint, model_ref, storage.join(experiment_dir, "best-model"),
-                           RunTarget(parent.target.uri, best.run_id))
+                           RunTarget(parent.target.uri, best.run_id), label_names=label_names)
     model_uri = model.model_uri
     name = cfg.sweep.register_model or f"{cfg.tracking.experiment}-best"
     version = register_model(model_uri, name, {"sweep_id": parent.target.run_id, "noise.sigma": str(best.sigma),

@@ -1,0 +1,147 @@
+"""Classification end to end on the tiny encoder (a 2-layer BERT built from config, its WordPiece
+tokenizer trained on the 1790s speeches): for each task a labelled corpus written as JSON lines, a real
+2-worker run (Ray Train, DeepSpeed ZeRO-2, the fused LayerNorms with noise, MLflow), then the same run
+as one rank in this process (the same losses and metrics), and once more without noise (other losses).
+
+The corpora are learnable and the tests can fail: a text's class is the one keyword it holds among
+filler words, a word's tag is fixed by the word (names are people, places are places), and the classes
+are unbalanced, so the trained model has to beat always answering the majority class."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import prepare
+from pipeline.tracking.store import client_for
+from pipeline.train import run_training
+from pipeline.train.local import train_in_process
+from pipeline.train.rank import WorkerPlan
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+TICKS, EVAL_EVERY, GLOBAL_BATCH = 30, 10, 16
+EVAL_TICKS = [0, 10, 20, 30]
+ENCODER = ("model.architecture={model_type: bert, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+           "num_attention_heads: 4, max_position_embeddings: 64, hidden_dropout_prob: 0.0, "
+           "attention_probs_dropout_prob: 0.0}")  # no dropout: it draws per rank, unlike the noise
+FILLER = ["the", "people", "of", "this", "nation", "and", "our", "government", "will", "consider", "every", "measure",
+          "with", "great", "care", "for", "peace", "public", "service", "in", "congress", "during", "year", "which",
+          "states", "have", "made"]
+KEYWORDS = {"farm": "agriculture", "navy": "ships", "court": "judges"}  # the class of a text: its keyword
+SHARES = {"farm": 0.5, "navy": 0.3, "court": 0.2}  # the majority class is half of the examples
+FIRST, LAST = ["john", "george", "thomas", "james"], ["adams", "washington", "jefferson", "madison"]
+PLACES = ["boston", "virginia", "france", "spain"]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def sequence_records(count: int, rng: random.Random) -> list[dict]:
+    records = []
+    for label in rng.choices(list(SHARES), weights=list(SHARES.values()), k=count):
+        words = rng.sample(FILLER, rng.randint(5, 9))
+        words.insert(rng.randint(0, len(words)), KEYWORDS[label])
+        records.append({"text": " ".join(words), "label": label})
+    return records
+
+
+def token_records(count: int, rng: random.Random) -> list[dict]:
+    records = []
+    for _ in range(count):
+        words = rng.sample(FILLER, rng.randint(4, 8))
+        tags = ["O"] * len(words)
+        at = rng.randint(0, len(words))
+        words[at:at] = [rng.choice(FIRST), rng.choice(LAST)]
+        tags[at:at] = ["B-PER", "I-PER"]
+        if rng.random() < 0.6:
+            at = rng.randint(0, len(words))
+            words.insert(at, rng.choice(PLACES))
+            tags.insert(at, "B-LOC")
+        records.append({"tokens": words, "ner_tags": tags})
+    return records
+
+
+TASKS = {"sequence_classification": ("labelled_text", sequence_records),
+         "token_classification": ("tagged_tokens", token_records)}
+
+
+def config(tmp: Path, corpus: Path, task: str, workers: int, *overrides: str):
+    return tiny_config(tmp, f"model.task={task}", ENCODER, f"data.format={TASKS[task][0]}", f"data.path={corpus}",
+                       "data.seq_len=32", "data.split.eval_from=2", f"train.num_workers={workers}",
+                       f"train.micro_batch_size={GLOBAL_BATCH // workers}", f"train.max_ticks={TICKS}",
+                       f"train.eval_every={EVAL_EVERY}", "train.eval_batches=4", "train.lr=3e-3", "train.warmup_ticks=1",
+                       "train.zero_stage=2", "noise.sigma=0.1", "tracking.log_model=false", *overrides)
+
+
+@pytest.fixture(scope="module", params=list(TASKS))
+def trained(request, ray_session, tmp_path_factory):
+    """(task, corpus, the 2-worker run): one run per task, shared by the tests below."""
+    task = request.param
+    tmp = tmp_path_factory.mktemp(task)
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    write_jsonl(corpus / "1-train.jsonl", TASKS[task][1](320, rng))
+    write_jsonl(corpus / "2-eval.jsonl", TASKS[task][1](64, rng))
+    return task, corpus, run_training(config(tmp, corpus, task, 2, "tracking.log_model=true"))
+
+
+def in_process(tmp: Path, corpus: Path, task: str, *overrides: str):
+    cfg = config(tmp, corpus, task, 1, *overrides)
+    model_ref, data = prepare(cfg)
+    return {int(r["tick"]): r for r in train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / "run"))).reports}
+
+
+@pytest.fixture(scope="module")
+def one_rank(trained, tmp_path_factory):
+    """The same run as one rank in this process (its reports: every evaluation's)."""
+    task, corpus, _ = trained
+    return in_process(tmp_path_factory.mktemp(f"{task}-one"), corpus, task)
+
+
+def history(outcome, name: str) -> dict[int, float]:
+    return {m.step: m.value for m in client_for(outcome.tracking_uri).get_metric_history(outcome.run_id, name)}
+
+
+def test_the_metrics_are_logged_at_every_eval_and_training_beats_the_majority_class(trained):
+    task, _, outcome = trained
+    names = ["eval_loss", "eval_accuracy", "eval_f1", "eval_majority_accuracy"]
+    if task == "token_classification":
+        names += ["eval_precision", "eval_recall"]
+    logged = {name: history(outcome, name) for name in names}
+    for name in names:
+        assert sorted(logged[name]) == EVAL_TICKS, name
+    assert not history(outcome, "eval_perplexity")  # meaningless for a classifier
+    m = outcome.metrics
+    print(f"{task}: accuracy {m['eval_accuracy_start']:.4f} -> {m['eval_accuracy']:.4f}, F1 {m['eval_f1_start']:.4f} "
+          f"-> {m['eval_f1']:.4f}, majority class {m['eval_majority_accuracy']:.4f}, eval loss "
+          f"{m['eval_loss_start']:.4f} -> {m['eval_loss']:.4f}")
+    majority = m["eval_majority_accuracy"]
+    assert 0.4 < majority < 0.8  # unbalanced, but far from one class
+    assert m["eval_accuracy"] > majority + 0.5 * (1 - majority), m  # half the way from the baseline to perfect
+    assert m["eval_f1"] > m["eval_f1_start"] + 0.3 and m["eval_loss"] < 0.5 * m["eval_loss_start"], m
+    summary = outcome.summary()
+    assert f"after {m['eval_accuracy']:.4f}  (majority class {majority:.4f})" in summary
+    assert "perplexity" not in summary and "model: not exported" in summary
+
+
+def test_one_rank_in_this_process_trains_what_two_ray_workers_train(trained, one_rank):
+    task, _, outcome = trained
+    assert sorted(one_rank) == EVAL_TICKS[1:]  # every evaluation is reported
+    losses = history(outcome, "loss")
+    for tick, report in one_rank.items():
+        assert report["loss"] == pytest.approx(losses[tick], rel=1e-4), (task, tick)
+        for name in ("eval_loss", "eval_accuracy", "eval_f1"):
+            assert report[name] == pytest.approx(history(outcome, name)[tick], rel=1e-4, abs=1e-6), (task, tick, name)
+
+
+def test_the_noise_reaches_the_classifiers_loss(trained, one_rank, tmp_path):
+    task, corpus, _ = trained
+    quiet = in_process(tmp_path, corpus, task, "noise.sigma=0")
+    differences = [abs(one_rank[t]["loss"] - quiet[t]["loss"]) / quiet[t]["loss"] for t in sorted(quiet)]
+    assert min(differences) > 1e-4, differences
