@@ -134,6 +134,8 @@ def test_one_rank_in_this_process_trains_what_two_ray_workers_train(trained, one
     task, _, outcome = trained
     assert sorted(one_rank) == EVAL_TICKS[1:]  # every evaluation is reported
     losses = history(outcome, "loss")
+    print(f"{task}: 1 vs 2 workers, largest relative loss difference "
+          f"{max(abs(r['loss'] - losses[t]) / losses[t] for t, r in one_rank.items()):.2e}")
     for tick, report in one_rank.items():
         assert report["loss"] == pytest.approx(losses[tick], rel=1e-4), (task, tick)
         for name in ("eval_loss", "eval_accuracy", "eval_f1"):

@@ -71,6 +71,9 @@ def test_a_tiny_encoder_from_config_has_a_wordpiece_tokenizer_with_berts_special
     assert materialize_model(load_config(TINY_YAML, overrides).model) == encoder  # cached by content
     causal = materialize_model(load_config(TINY_YAML, [f"model.cache_dir={tmp_path}"]).model)
     assert causal != encoder  # the same corpus and sizes, another tokenizer and model: another entry
+    rebuilt = materialize_model(load_config(TINY_YAML, [*overrides, f"model.cache_dir={tmp_path / 'again'}"]).model)
+    for name in ("tokenizer.json", "model.safetensors"):  # built again elsewhere: the very same files
+        assert (Path(rebuilt) / name).read_bytes() == (Path(encoder) / name).read_bytes(), name
     tokenizer = load_tokenizer(encoder, needs_eos=False)
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, None)
     ids = tokenizer("Gentlemen of the Senate")["input_ids"]

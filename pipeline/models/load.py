@@ -313,6 +313,12 @@ def _train_wordpiece(files: list[Path], vocab_size: int):
     tokenizer.decoder = decoders.WordPiece()
     tokenizer.train([str(p) for p in files], trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
                                                                        show_progress=False))
+    # The trainer picks the same tokens every time but numbers tokens of equal counts in hash order, so
+    # two builds would give different ids: number them in a fixed order (the specials first, pad id 0;
+    # WordPiece matches the longest piece, so the numbering changes no tokenization).
+    learned = sorted(set(tokenizer.get_vocab()) - set(specials))
+    tokenizer.model = models.WordPiece({token: index for index, token in enumerate([*specials, *learned])},
+                                       unk_token=WORDPIECE_SPECIALS["unk_token"])
     cls, sep = ((name, tokenizer.token_to_id(name)) for name in ("[CLS]", "[SEP]"))
     # Training sets no post-processor: without this template the encoder would see no [CLS] to classify on.
     tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
