@@ -12,8 +12,10 @@ import random
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from pipeline.data import prepare
+from pipeline.tracking import load_pyfunc
 from pipeline.tracking.store import client_for
 from pipeline.train import run_training
 from pipeline.train.local import train_in_process
@@ -127,7 +129,33 @@ def test_the_metrics_are_logged_at_every_eval_and_training_beats_the_majority_cl
     assert m["eval_f1"] > m["eval_f1_start"] + 0.3 and m["eval_loss"] < 0.5 * m["eval_loss_start"], m
     summary = outcome.summary()
     assert f"after {m['eval_accuracy']:.4f}  (majority class {majority:.4f})" in summary
-    assert "perplexity" not in summary and "model: not exported" in summary
+    assert "perplexity" not in summary and f"model: {outcome.model_location}" in summary
+
+
+def test_the_logged_model_predicts_class_names_as_well_as_the_run_measured(trained):
+    """The 2-worker run's MLflow model, loaded as pyfunc, on the eval texts: class names, and about
+    the accuracy the run's last eval measured (a token's tag: its word's first sub-token)."""
+    task, corpus, outcome = trained
+    records = [json.loads(line) for line in (corpus / "2-eval.jsonl").read_text().splitlines()]
+    model = load_pyfunc(outcome.model_uri, outcome.tracking_uri)
+    if task == "sequence_classification":
+        predicted = model.predict([r["text"] for r in records])["label"].tolist()
+        expected = [r["label"] for r in records]
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(outcome.model_dir)
+        predicted, expected = [], []
+        for record, tags in zip(records, model.predict([" ".join(r["tokens"]) for r in records]), strict=True):
+            tags = tags.split(",")
+            firsts = [0]
+            for word in record["tokens"][:-1]:
+                firsts.append(firsts[-1] + len(tokenizer.tokenize(word)))
+            assert len(tags) == firsts[-1] + len(tokenizer.tokenize(record["tokens"][-1])), record
+            predicted += [tags[i] for i in firsts]
+            expected += record["ner_tags"]
+    assert set(predicted) <= set(expected) | {"O"}, set(predicted)  # names, not ids
+    accuracy = sum(p == e for p, e in zip(predicted, expected, strict=True)) / len(expected)
+    print(f"{task}: the logged model's accuracy on the eval texts {accuracy:.4f}")
+    assert accuracy > outcome.metrics["eval_majority_accuracy"] + 0.1 and accuracy > outcome.metrics["eval_accuracy"] - 0.1
 
 
 def test_one_rank_in_this_process_trains_what_two_ray_workers_train(trained, one_rank):
