@@ -14,17 +14,22 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from pipeline.config import load_config
 from pipeline.data import prepare
-from pipeline.tracking import load_pyfunc
+from pipeline.locations import location_overrides
+from pipeline.tracking import RunTarget, load_pyfunc
 from pipeline.tracking.store import client_for
+from pipeline.tracking.sweeps import TRIAL_TAG, child_runs
 from pipeline.train import run_training
 from pipeline.train.local import train_in_process
 from pipeline.train.rank import WorkerPlan
+from pipeline.tune import run_sweep
 
-from conftest import tiny_config
+from conftest import REPO, SHARED_CACHES, tiny_config
 
 pytestmark = pytest.mark.slow
 
+SWEEP_YAML = REPO / "configs" / "sweep-tiny.yaml"
 TICKS, EVAL_EVERY, GLOBAL_BATCH = 30, 10, 16
 EVAL_TICKS = [0, 10, 20, 30]
 ENCODER = ("model.architecture={model_type: bert, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
@@ -72,12 +77,15 @@ TASKS = {"sequence_classification": ("labelled_text", sequence_records),
          "token_classification": ("tagged_tokens", token_records)}
 
 
+def task_overrides(corpus: Path, task: str, workers: int) -> list[str]:
+    return [f"model.task={task}", ENCODER, f"data.format={TASKS[task][0]}", f"data.path={corpus}", "data.seq_len=32",
+            "data.split.eval_from=2", f"train.num_workers={workers}", f"train.micro_batch_size={GLOBAL_BATCH // workers}",
+            f"train.max_ticks={TICKS}", f"train.eval_every={EVAL_EVERY}", "train.eval_batches=4", "train.lr=3e-3",
+            "train.warmup_ticks=1", "train.zero_stage=2", "noise.sigma=0.1", "tracking.log_model=false"]
+
+
 def config(tmp: Path, corpus: Path, task: str, workers: int, *overrides: str):
-    return tiny_config(tmp, f"model.task={task}", ENCODER, f"data.format={TASKS[task][0]}", f"data.path={corpus}",
-                       "data.seq_len=32", "data.split.eval_from=2", f"train.num_workers={workers}",
-                       f"train.micro_batch_size={GLOBAL_BATCH // workers}", f"train.max_ticks={TICKS}",
-                       f"train.eval_every={EVAL_EVERY}", "train.eval_batches=4", "train.lr=3e-3", "train.warmup_ticks=1",
-                       "train.zero_stage=2", "noise.sigma=0.1", "tracking.log_model=false", *overrides)
+    return tiny_config(tmp, *task_overrides(corpus, task, workers), *overrides)
 
 
 @pytest.fixture(scope="module", params=list(TASKS))
@@ -93,17 +101,31 @@ def trained(request, ray_session, tmp_path_factory):
     return task, corpus, run_training(config(tmp, corpus, task, 2, "tracking.log_model=true"))
 
 
-def in_process(tmp: Path, corpus: Path, task: str, *overrides: str):
+def in_process(tmp: Path, corpus: Path, task: str, *overrides: str) -> dict[int, dict]:
+    """The run as one rank in this process: its reports by tick (every evaluation's), and under key
+    "checkpoints" the checkpoints it wrote."""
     cfg = config(tmp, corpus, task, 1, *overrides)
     model_ref, data = prepare(cfg)
-    return {int(r["tick"]): r for r in train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / "run"))).reports}
+    reporter = train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / "run")))
+    return {**{int(r["tick"]): r for r in reporter.reports}, "checkpoints": reporter.checkpoints}
+
+
+def reported(run: dict) -> dict[int, dict]:
+    return {tick: report for tick, report in run.items() if tick != "checkpoints"}
 
 
 @pytest.fixture(scope="module")
 def one_rank(trained, tmp_path_factory):
     """The same run as one rank in this process (its reports: every evaluation's)."""
     task, corpus, _ = trained
-    return in_process(tmp_path_factory.mktemp(f"{task}-one"), corpus, task)
+    return in_process(tmp_path_factory.mktemp(f"{task}-one"), corpus, task, "train.checkpoint_every=20")
+
+
+@pytest.fixture(scope="module")
+def quiet(trained, tmp_path_factory):
+    """The same run as one rank without noise."""
+    task, corpus, _ = trained
+    return reported(in_process(tmp_path_factory.mktemp(f"{task}-quiet"), corpus, task, "noise.sigma=0"))
 
 
 def history(outcome, name: str) -> dict[int, float]:
@@ -160,18 +182,69 @@ def test_the_logged_model_predicts_class_names_as_well_as_the_run_measured(train
 
 def test_one_rank_in_this_process_trains_what_two_ray_workers_train(trained, one_rank):
     task, _, outcome = trained
-    assert sorted(one_rank) == EVAL_TICKS[1:]  # every evaluation is reported
+    assert sorted(reported(one_rank)) == EVAL_TICKS[1:]  # every evaluation is reported
     losses = history(outcome, "loss")
     print(f"{task}: 1 vs 2 workers, largest relative loss difference "
-          f"{max(abs(r['loss'] - losses[t]) / losses[t] for t, r in one_rank.items()):.2e}")
-    for tick, report in one_rank.items():
+          f"{max(abs(r['loss'] - losses[t]) / losses[t] for t, r in reported(one_rank).items()):.2e}")
+    for tick, report in reported(one_rank).items():
         assert report["loss"] == pytest.approx(losses[tick], rel=1e-4), (task, tick)
         for name in ("eval_loss", "eval_accuracy", "eval_f1"):
             assert report[name] == pytest.approx(history(outcome, name)[tick], rel=1e-4, abs=1e-6), (task, tick, name)
 
 
-def test_the_noise_reaches_the_classifiers_loss(trained, one_rank, tmp_path):
+def test_a_resumed_classifier_continues_the_same_run(trained, one_rank, tmp_path):
     task, corpus, _ = trained
-    quiet = in_process(tmp_path, corpus, task, "noise.sigma=0")
-    differences = [abs(one_rank[t]["loss"] - quiet[t]["loss"]) / quiet[t]["loss"] for t in sorted(quiet)]
+    at_twenty = one_rank["checkpoints"][0]
+    assert at_twenty.endswith("checkpoint_000020"), one_rank["checkpoints"]
+    resumed = reported(in_process(tmp_path, corpus, task, f"train.resume_from={at_twenty}"))
+    assert sorted(resumed) == [30]
+    for name in ("loss", "eval_loss", "eval_accuracy", "eval_f1"):
+        assert resumed[30][name] == pytest.approx(one_rank[30][name], rel=1e-6, abs=1e-9), name
+    # What the sweep's report and the summary call "before": the first eval, kept in the checkpoint.
+    assert resumed[30]["eval_accuracy_start"] == one_rank[30]["eval_accuracy_start"]
+
+
+@pytest.mark.parametrize("site", ["norm", "embedding"])
+def test_either_noise_reaches_the_classifiers_loss(trained, one_rank, quiet, tmp_path, site):
+    """The fused norms' noise (the runs above, σ = 0.1) and NEFTune's on the input embedding (α = 5)
+    each change the losses of the same run without noise."""
+    task, corpus, _ = trained
+    noisy = reported(one_rank if site == "norm" else
+                     in_process(tmp_path / site, corpus, task, "noise.site=embedding", "noise.sigma=0",
+                                "noise.neftune_alpha=5"))
+    differences = [abs(noisy[t]["loss"] - quiet[t]["loss"]) / quiet[t]["loss"] for t in sorted(quiet)]
+    print(f"{task}, noise at the {site}: relative loss differences from no noise {differences}")
     assert min(differences) > 1e-4, differences
+
+
+def test_a_sweep_on_macro_f1_picks_the_trial_with_the_highest_f1(ray_session, tmp_path):
+    """A real sweep of the tiny sequence classifier on `eval_f1` (mode max, from the name): two trials,
+    a quick and a slow learning rate; the best trial is the one whose last evaluation scored the
+    highest F1, and the model it registers predicts class names."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = random.Random(1)
+    write_jsonl(corpus / "1-train.jsonl", sequence_records(320, rng))
+    write_jsonl(corpus / "2-eval.jsonl", sequence_records(64, rng))
+    space = 'sweep.space={"train.lr": {"type": "choice", "values": [0.003, 0.00001]}}'
+    cfg = load_config(SWEEP_YAML, [*location_overrides(tmp_path), *SHARED_CACHES,
+                                   *task_overrides(corpus, "sequence_classification", 1), space, "sweep.metric=eval_f1",
+                                   "sweep.search=random", "sweep.seed=3", "sweep.num_samples=2",
+                                   "sweep.confirm.seeds=0", "sweep.register_model=classify-sweep-best"])
+    assert cfg.sweep.metric_mode == "max"
+    outcome = run_sweep(cfg)
+    client = client_for(cfg.tracking.uri)
+    trials = {run.info.run_id: run for run in child_runs(RunTarget(cfg.tracking.uri, outcome.parent_run_id))}
+    final_f1 = {run_id: max(client.get_metric_history(run_id, "eval_f1"), key=lambda m: m.step).value
+                for run_id in trials}
+    print(f"sweep on eval_f1: the trials' lr and final F1 "
+          f"{[(trials[r].data.params['train.lr'], f) for r, f in final_f1.items()]}")
+    assert {trials[r].data.params["train.lr"] for r in trials} == {"0.003", "1e-05"}  # the seed draws both
+    assert len(set(final_f1.values())) == 2, final_f1
+    parent = client.get_run(outcome.parent_run_id)
+    best = max(final_f1, key=final_f1.get)
+    assert parent.data.metrics["best_eval_f1"] == final_f1[best]
+    assert trials[best].data.tags[TRIAL_TAG] == parent.data.params["best.trial_id"]
+    assert outcome.registered == "models:/classify-sweep-best/1"
+    predicted = load_pyfunc(outcome.registered, cfg.tracking.uri).predict(["the navy will consider every measure"])
+    assert predicted["label"].tolist()[0] in SHARES  # a class name
