@@ -273,9 +273,8 @@ def _tuner(cfg: Config, model_ref: str, data, parent: RunTarget, experiment_dir:
     return tune.Tuner(
         run, param_space=param_space,
         tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.metric_mode,
-                                    search_alg=_searcher(cfg, first_points),
-                                    scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples,
-                                    max_concurrent_trials=concurrency),
+                                    search_alg=_searcher(cfg, first_points, concurrency),
+                                    scheduler=_scheduler(cfg), num_samples=cfg.sweep.num_samples),
         run_config=tune.RunConfig(name=posixpath.basename(fs_path), storage_path=posixpath.dirname(fs_path),
                                   storage_filesystem=filesystem,
                                   callbacks=[TrialRunStatus(parent, cfg.train.max_ticks),
@@ -290,17 +289,21 @@ def _space(cfg: Config):
     return tune_space(effective_space(cfg))
 
 
-def _searcher(cfg: Config, first_points: list[dict]):
-    from ray.tune.search import BasicVariantGenerator
+def _searcher(cfg: Config, first_points: list[dict], concurrency: int):
+    """The search, holding at most `concurrency` trials at once itself: TuneConfig's
+    max_concurrent_trials is dropped with only a warning for random search's generator."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if cfg.sweep.search == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
 
-            return OptunaSearch(points_to_evaluate=first_points, seed=cfg.sweep.seed)
+            return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=first_points, seed=cfg.sweep.seed),
+                                      max_concurrent=concurrency)
         except ImportError as error:  # optuna is a dependency, but a trimmed install may lack it
             warnings.warn(f"sweep.search: optuna unavailable ({error}); falling back to random search", stacklevel=2)
-    return BasicVariantGenerator(points_to_evaluate=first_points, random_state=cfg.sweep.seed)
+    return BasicVariantGenerator(points_to_evaluate=first_points, random_state=cfg.sweep.seed,
+                                 max_concurrent=concurrency)
 
 
 def _scheduler(cfg: Config):
