@@ -218,8 +218,8 @@ def test_either_noise_reaches_the_classifiers_loss(trained, one_rank, quiet, tmp
 
 
 def test_a_sweep_on_macro_f1_picks_the_trial_with_the_highest_f1(ray_session, tmp_path):
-    """A real sweep of the tiny sequence classifier on `eval_f1` (mode max, from the name): two trials,
-    a quick and a slow learning rate; the best trial is the one whose last evaluation scored the
+    """A real sweep of the tiny sequence classifier on `eval_f1` (mode max, from the name): two trials
+    one at a time, a quick and a slow learning rate; the best trial is the one whose last evaluation scored the
     highest F1, and the model it registers predicts class names."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -229,8 +229,9 @@ def test_a_sweep_on_macro_f1_picks_the_trial_with_the_highest_f1(ray_session, tm
     space = 'sweep.space={"train.lr": {"type": "choice", "values": [0.003, 0.00001]}}'
     cfg = load_config(SWEEP_YAML, [*location_overrides(tmp_path), *SHARED_CACHES,
                                    *task_overrides(corpus, "sequence_classification", 1), space, "sweep.metric=eval_f1",
-                                   "sweep.search=random", "sweep.seed=3", "sweep.num_samples=2",
-                                   "sweep.confirm.seeds=0", "sweep.register_model=classify-sweep-best"])
+                                   "sweep.search=random", "sweep.seed=3", "sweep.num_samples=2", "sweep.max_concurrent_trials=1",
+                                   "sweep.confirm.seeds=0", "sweep.register_model=classify-sweep-best",
+                                   "tracking.log_model=true"])
     assert cfg.sweep.metric_mode == "max"
     outcome = run_sweep(cfg)
     client = client_for(cfg.tracking.uri)
@@ -241,6 +242,10 @@ def test_a_sweep_on_macro_f1_picks_the_trial_with_the_highest_f1(ray_session, tm
           f"{[(trials[r].data.params['train.lr'], f) for r, f in final_f1.items()]}")
     assert {trials[r].data.params["train.lr"] for r in trials} == {"0.003", "1e-05"}  # the seed draws both
     assert len(set(final_f1.values())) == 2, final_f1
+    # A trial's span: its run's start to its last logged tick (the best run's end moves when its model is logged).
+    first, second = sorted((run.info.start_time, max(m.timestamp for m in client.get_metric_history(run_id, "loss")))
+                           for run_id, run in trials.items())
+    assert first[1] <= second[0], (first, second)  # one trial at a time, as asked, under random search too
     parent = client.get_run(outcome.parent_run_id)
     best = max(final_f1, key=final_f1.get)
     assert parent.data.metrics["best_eval_f1"] == final_f1[best]
