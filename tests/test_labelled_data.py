@@ -73,3 +73,20 @@ def test_one_class_is_a_config_error(ray_session, tmp_path):
     with pytest.raises(ConfigError, match=r"^data.label_field: the training split holds 1 class \(1\); a classifier needs at least 2$"):
         prepare_data(labelled_config(tmp_path, "labelled_text"), str(MINILM))
     assert not any((tmp_path / "cache").glob("*/meta.json"))  # nothing half-written
+
+
+def test_a_later_file_without_the_records_columns_is_one_line_from_the_label_scan(ray_session, tmp_path):
+    """The label scan reads every file before the tokenizers do: a parquet file past the first (which
+    is checked before Ray) with none of the record's columns is the same one-line error naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"text": ["a speech", "a message"], "label": ["spoken", "written"]}), corpus / "1-a.parquet")
+    pq.write_table(pa.table({"body": ["another speech"], "kind": ["spoken"]}), corpus / "1-b.parquet")
+    pq.write_table(pa.table({"text": ["a third"], "label": ["written"]}), corpus / "2-eval.parquet")
+    cfg = labelled_config(tmp_path, "labelled_text")
+    with pytest.raises(ConfigError, match=r"^data.fields: \S*1-b.parquet has none of the columns text, label \(columns: body, kind\)$"):
+        prepare_data(cfg, str(MINILM))
+    assert not any((tmp_path / "cache").glob("*/meta.json"))  # nothing half-written

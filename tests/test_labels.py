@@ -41,6 +41,8 @@ def test_alignment_by_hand():
 def test_the_label_map_is_sorted_and_knows_continuations():
     assert LabelMap.from_labels(["O", "B-PER", "I-PER", "O", "B-LOC"], "x").names == ("B-LOC", "B-PER", "I-PER", "O")
     assert LabelMap.from_labels(["10", "2", "1"], "x").names == ("1", "2", "10")  # numbers sort as numbers
+    assert LabelMap.from_labels(["01", "2", "1"], "x").names == ("01", "1", "2")  # equal values: by text, every run
+    assert LabelMap.from_labels(["²", "1"], "x").names == ("1", "²")  # not a decimal number: sorted as text
     assert LabelMap(("B-LOC", "B-PER", "I-PER", "O")).continuation_ids() == [0, 2, 2, 3]  # no I-LOC: B-LOC stays
     with pytest.raises(ConfigError, match=r"^data.label_field: the training split holds 1 class \(spoken\); a classifier needs at least 2$"):
         label_map(data_config("labelled_text"), ["spoken", "spoken"])
@@ -62,12 +64,35 @@ def test_token_classification_examples_by_hand(bert_tokenizer):
     assert every.labels.tolist() == [IGNORE, 0, 1, 1, 1, 1, 2, 0, 1, 1, IGNORE]
 
 
+def test_a_word_the_normalizer_erases_keeps_its_tag_as_the_unknown_token(bert_tokenizer):
+    cfg = data_config("tagged_tokens")
+    mapping = LabelMap(("B-PER", "I-PER", "O"))
+    record = LabelledRecord(["B-PER", "O", "O"], ["Peter", "\u200b", "visits"], None)  # a zero-width space
+    [example] = LabelledEncoder(bert_tokenizer(), cfg, mapping).encode([record])
+    assert example.input_ids.tolist() == [101, 2848, 100, 7879, 102]  # [CLS] peter [UNK] visits [SEP]
+    assert example.labels.tolist() == [IGNORE, 0, 2, 2, IGNORE]
+
+
 def test_ids_name_their_tags_through_label_names():
     cfg = data_config("tagged_tokens", "data.label_names=[O, B-PER, I-PER]")
     assert record_labels(cfg, {"tokens": ["Peter", "Blackburn"], "ner_tags": [1, 2]}) == \
         LabelledRecord(["B-PER", "I-PER"], ["Peter", "Blackburn"], None)
     with pytest.raises(BadExample, match="unknown_label: id 3"):
         record_labels(cfg, {"tokens": ["Peter"], "ner_tags": [3]})
+    # An id written as a string is the same id; a name is kept as it is.
+    assert record_labels(cfg, {"tokens": ["Peter", "Blackburn"], "ner_tags": ["1", "I-PER"]}).labels == ["B-PER", "I-PER"]
+
+
+def test_tag_ids_without_their_names_are_a_config_error():
+    """Entities are read off B-/I- names: tags given as ids need data.label_names."""
+    with pytest.raises(ConfigError, match=r"^data.label_names: the tags are ids \(0, 1, 2\); give their names in id order"):
+        label_map(data_config("tagged_tokens"), ["0", "1", "2", "0"])
+    assert label_map(data_config("labelled_text"), ["0", "1"]).names == ("0", "1")  # a class may be a bare id
+
+
+def test_a_class_named_twice_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"data.label_names: each class once \(an id per name\); neg repeated"):
+        data_config("labelled_text", "data.label_names=[neg, pos, neg]")
 
 
 def test_sequence_examples_carry_the_class_on_the_first_token_and_are_cut_at_seq_len(bert_tokenizer):

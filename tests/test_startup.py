@@ -58,3 +58,17 @@ def test_a_later_trial_reads_the_tick0_eval_instead_of_computing_it(prepared, tm
     # What changes the evaluation (here the eval subset) is another key: evaluated again.
     run(tmp_path, "trial-3", "train.eval_batches=2", shared=shared)
     assert len(evaluations) == 7 and len(list((tmp_path / "first-eval").glob("*.json"))) == 2
+
+
+def test_a_classifiers_seed_draws_its_head_so_it_keys_the_shared_first_eval(tmp_path):
+    """A sweep's confirmation runs change train.seed: a causal LM's tick 0 is the same model whatever
+    the seed, a classifier's is a new head drawn from it."""
+    from pipeline.train.startup import first_eval_key
+
+    def key(*overrides):
+        return first_eval_key(tiny_config(tmp_path, *overrides), "model", "fingerprint", 16, 1)
+
+    assert key("train.seed=1") == key("train.seed=2")
+    classifier = ("model.task=sequence_classification", "data.format=labelled_text")
+    assert key(*classifier, "train.seed=1") != key(*classifier, "train.seed=2")
+    assert key(*classifier, "train.seed=1", "train.lr=1e-3") == key(*classifier, "train.seed=1", "train.lr=1e-2")

@@ -140,6 +140,9 @@ class DataConfig(Section):
                              f"({', '.join(CLASSIFICATION_FORMATS)}) put one example in each block (none)")
         if self.label_names is not None and len(set(self.label_names)) < 2:
             raise ValueError(f"label_names: a classifier needs at least 2 distinct classes, got {self.label_names}")
+        if self.label_names is not None and len(set(self.label_names)) < len(self.label_names):
+            twice = sorted({name for name in self.label_names if self.label_names.count(name) > 1})
+            raise ValueError(f"label_names: each class once (an id per name); {', '.join(twice)} repeated")
         if "{instruction}" not in self.prompt_template:
             raise ValueError("prompt_template: it must contain {instruction}")
         return self

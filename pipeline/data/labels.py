@@ -14,6 +14,7 @@ sorted order, numerically when every label is a number.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -48,8 +49,9 @@ class LabelMap:
         if len(distinct) < 2:
             raise ConfigError(f"{what}: the training split holds {len(distinct)} class{'es' if len(distinct) != 1 else ''} "
                               f"({', '.join(sorted(distinct)) or 'none'}); a classifier needs at least 2")
-        numeric = all(name.lstrip("-").isdigit() for name in distinct)
-        return cls(tuple(sorted(distinct, key=int if numeric else None)))
+        if all(_is_integer(name) for name in distinct):  # by value; "1" before "01" (equal values), always
+            return cls(tuple(sorted(distinct, key=lambda name: (int(name), name))))
+        return cls(tuple(sorted(distinct)))
 
     def id_of(self, name: str) -> int | None:
         return self._ids.get(name)
@@ -75,7 +77,13 @@ def label_map(cfg: DataConfig, training_labels: Iterable[str]) -> LabelMap:
     what = "data.fields.tags" if cfg.format == "tagged_tokens" else "data.label_field"
     if cfg.label_names is not None:
         return LabelMap(tuple(cfg.label_names))
-    return LabelMap.from_labels(training_labels, what)
+    labels = LabelMap.from_labels(training_labels, what)
+    if cfg.format == "tagged_tokens" and all(_is_integer(name) for name in labels.names):
+        # Entities are read off the tags' B-/I- names: ids alone would score nonsense.
+        raise ConfigError(f"data.label_names: the tags are ids ({', '.join(labels.names[:6])}"
+                          f"{', ...' if len(labels.names) > 6 else ''}); give their names in id order "
+                          f"(e.g. [O, B-PER, I-PER, ...]) so that entities can be scored")
+    return labels
 
 
 @dataclass(frozen=True)
@@ -114,11 +122,16 @@ def _label(cfg: DataConfig, value, field: str) -> str:
     if key is None:
         raise BadExample("missing_field" if value is None else "bad_label",
                          f"no field '{field}'" if value is None else f"'{field}' is {value!r}")
-    if cfg.label_names is not None and isinstance(value, int):
-        if not 0 <= value < len(cfg.label_names):
-            raise BadExample("unknown_label", f"id {value}, data.label_names has {len(cfg.label_names)}")
-        return cfg.label_names[value]
+    names = cfg.label_names
+    if names is not None and key not in names and _is_integer(key):  # an id, given as an int or as "1"
+        if not 0 <= int(key) < len(names):
+            raise BadExample("unknown_label", f"id {key}, data.label_names has {len(names)}")
+        return names[int(key)]
     return key
+
+
+def _is_integer(name: str) -> bool:
+    return re.fullmatch(r"-?[0-9]+", name) is not None
 
 
 def align_word_labels(word_ids: Sequence[int | None], word_labels: Sequence[int], subword_labels: str,
@@ -154,10 +167,27 @@ class LabelledEncoder:
         if self.cfg.format == "labelled_text":
             encodings = self.backend.encode_batch([record.text for record in records], add_special_tokens=True)
         else:
-            encodings = self.backend.encode_batch([record.words for record in records], is_pretokenized=True,
-                                                  add_special_tokens=True)
-        return [label_ids if isinstance(label_ids, BadExample) else self._example(label_ids, encoding)
+            encodings = [self._with_every_word(record.words, encoding) for record, encoding in
+                         zip(records, self.backend.encode_batch([record.words for record in records],
+                                                                is_pretokenized=True, add_special_tokens=True))]
+        return [label_ids if isinstance(label_ids, BadExample) else
+                encoding if isinstance(encoding, BadExample) else self._example(label_ids, encoding)
                 for label_ids, encoding in zip(ids, encodings)]
+
+    def _with_every_word(self, words: list[str], encoding):
+        """A word the normalizer erases (a zero-width space, a soft hyphen) gets no token and its tag
+        would go unseen: such words are encoded as the unknown token instead, or without one the
+        record is bad. Words cut off by truncation are not vanished ones."""
+        present = {word for word in encoding.word_ids if word is not None}
+        last = max(present, default=-1) + 1 if encoding.overflowing else len(words)
+        vanished = [index for index in range(last) if index not in present]
+        if not vanished:
+            return encoding
+        unknown = getattr(self.backend.model, "unk_token", None)
+        if not unknown:
+            return BadExample("not_text", f"word {vanished[0]} ({words[vanished[0]]!r}) has no token")
+        replaced = [unknown if index in vanished else word for index, word in enumerate(words)]
+        return self.backend.encode(replaced, is_pretokenized=True, add_special_tokens=True)
 
     def _ids(self, labels: str | list[str]) -> int | list[int] | BadExample:
         """A label not in the map (a class the training split never had, met in eval) is a bad record."""

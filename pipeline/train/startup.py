@@ -26,10 +26,12 @@ SHARED_TAG = "pipeline.first_eval"  # on a run whose tick-0 evaluation was read,
 
 def first_eval_key(cfg: Config, model_ref: str, data_fingerprint: str, eval_samples: int, world: int) -> str:
     """Everything the tick-0 eval loss (and sample generations) depends on; what a sweep varies
-    (lr, σ, schedule, seed) is left out on purpose. The world size and micro batch are in because
-    each rank's share of the eval subset is rounded down (`source.eval_batches`)."""
+    (lr, σ, schedule, seed) is left out on purpose, but for a classifier `train.seed`, which draws
+    its new head. The world size and micro batch are in because each rank's share of the eval subset
+    is rounded down (`source.eval_batches`)."""
     t = cfg.train
     key = {"model_ref": model_ref, "model": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
+           "head_seed": t.seed if cfg.model.task != "causal_lm" else None,
            "data": data_fingerprint, "eval_samples": eval_samples, "world": world, "micro_batch": t.micro_batch_size,
            "zero_stage": t.zero_stage, "precision": t.precision, "use_gpu": t.use_gpu, "deepspeed": t.deepspeed,
            "kernel": cfg.kernel.model_dump(mode="json"),
