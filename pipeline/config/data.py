@@ -81,8 +81,10 @@ class DataConfig(Section):
     """`labelled_text`: each record's class, a string or an int."""
     label_names: list[str] | None = None
     """The classes in id order, where the records give ids (as a Hugging Face `ClassLabel` names them):
-    id i is `label_names[i]`. None: the classes are the labels the training split holds, sorted (as
-    numbers when they all are), each given as a string or an int."""
+    id i is `label_names[i]`, an id given as an int or its decimal string; each name once. Needed for
+    `tagged_tokens` whose tags are ids (entities are read off the `B-`/`I-` names). None: the classes
+    are the labels the training split holds, sorted (as numbers when they all are), each given as a
+    string or an int."""
     subword_labels: Literal["first", "all"] = "first"
     """`tagged_tokens`: which sub-word tokens of a word carry its tag. `first`: the first, the others
     -100 (not trained, not scored); `all`: every one, a `B-` tag continuing as `I-` (as `run_ner.py`'s
