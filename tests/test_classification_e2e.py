@@ -1,7 +1,9 @@
 """Classification end to end on the tiny encoder (a 2-layer BERT built from config, its WordPiece
 tokenizer trained on the 1790s speeches): for each task a labelled corpus written as JSON lines, a real
-2-worker run (Ray Train, DeepSpeed ZeRO-2, the fused LayerNorms with noise, MLflow), then the same run
-as one rank in this process (the same losses and metrics), and once more without noise (other losses).
+2-worker run (Ray Train, DeepSpeed ZeRO-2, the fused LayerNorms with noise, MLflow) whose logged model
+predicts class names, then the same run as one rank in this process (the same losses and metrics),
+resumed from a checkpoint (the same again), and without noise or with NEFTune's (other losses); and a
+real sweep of the sequence classifier on macro-F1.
 
 The corpora are learnable and the tests can fail: a text's class is the one keyword it holds among
 filler words, a word's tag is fixed by the word (names are people, places are places), and the classes
@@ -77,6 +79,16 @@ TASKS = {"sequence_classification": ("labelled_text", sequence_records),
          "token_classification": ("tagged_tokens", token_records)}
 
 
+def write_corpus(tmp: Path, task: str, seed: int) -> Path:
+    """The task's learnable corpus: 320 training records in file 1, 64 eval records in file 2."""
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    rng = random.Random(seed)
+    write_jsonl(corpus / "1-train.jsonl", TASKS[task][1](320, rng))
+    write_jsonl(corpus / "2-eval.jsonl", TASKS[task][1](64, rng))
+    return corpus
+
+
 def task_overrides(corpus: Path, task: str, workers: int) -> list[str]:
     return [f"model.task={task}", ENCODER, f"data.format={TASKS[task][0]}", f"data.path={corpus}", "data.seq_len=32",
             "data.split.eval_from=2", f"train.num_workers={workers}", f"train.micro_batch_size={GLOBAL_BATCH // workers}",
@@ -93,30 +105,25 @@ def trained(request, ray_session, tmp_path_factory):
     """(task, corpus, the 2-worker run): one run per task, shared by the tests below."""
     task = request.param
     tmp = tmp_path_factory.mktemp(task)
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    write_jsonl(corpus / "1-train.jsonl", TASKS[task][1](320, rng))
-    write_jsonl(corpus / "2-eval.jsonl", TASKS[task][1](64, rng))
+    corpus = write_corpus(tmp, task, seed=0)
     return task, corpus, run_training(config(tmp, corpus, task, 2, "tracking.log_model=true"))
 
 
-def in_process(tmp: Path, corpus: Path, task: str, *overrides: str) -> dict[int, dict]:
-    """The run as one rank in this process: its reports by tick (every evaluation's), and under key
-    "checkpoints" the checkpoints it wrote."""
+def in_process(tmp: Path, corpus: Path, task: str, *overrides: str):
+    """The run as one rank in this process: its reporter (every evaluation's report, the checkpoints)."""
     cfg = config(tmp, corpus, task, 1, *overrides)
     model_ref, data = prepare(cfg)
-    reporter = train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / "run")))
-    return {**{int(r["tick"]): r for r in reporter.reports}, "checkpoints": reporter.checkpoints}
+    return train_in_process(WorkerPlan(cfg, model_ref, None, data, str(tmp / "run")))
 
 
-def reported(run: dict) -> dict[int, dict]:
-    return {tick: report for tick, report in run.items() if tick != "checkpoints"}
+def by_tick(run) -> dict[int, dict]:
+    """A run's reports by tick."""
+    return {int(report["tick"]): report for report in run.reports}
 
 
 @pytest.fixture(scope="module")
 def one_rank(trained, tmp_path_factory):
-    """The same run as one rank in this process (its reports: every evaluation's)."""
+    """The same run as one rank in this process, with a checkpoint at tick 20."""
     task, corpus, _ = trained
     return in_process(tmp_path_factory.mktemp(f"{task}-one"), corpus, task, "train.checkpoint_every=20")
 
@@ -125,7 +132,7 @@ def one_rank(trained, tmp_path_factory):
 def quiet(trained, tmp_path_factory):
     """The same run as one rank without noise."""
     task, corpus, _ = trained
-    return reported(in_process(tmp_path_factory.mktemp(f"{task}-quiet"), corpus, task, "noise.sigma=0"))
+    return by_tick(in_process(tmp_path_factory.mktemp(f"{task}-quiet"), corpus, task, "noise.sigma=0"))
 
 
 def history(outcome, name: str) -> dict[int, float]:
@@ -182,11 +189,11 @@ def test_the_logged_model_predicts_class_names_as_well_as_the_run_measured(train
 
 def test_one_rank_in_this_process_trains_what_two_ray_workers_train(trained, one_rank):
     task, _, outcome = trained
-    assert sorted(reported(one_rank)) == EVAL_TICKS[1:]  # every evaluation is reported
+    assert sorted(by_tick(one_rank)) == EVAL_TICKS[1:]  # every evaluation is reported
     losses = history(outcome, "loss")
     print(f"{task}: 1 vs 2 workers, largest relative loss difference "
-          f"{max(abs(r['loss'] - losses[t]) / losses[t] for t, r in reported(one_rank).items()):.2e}")
-    for tick, report in reported(one_rank).items():
+          f"{max(abs(r['loss'] - losses[t]) / losses[t] for t, r in by_tick(one_rank).items()):.2e}")
+    for tick, report in by_tick(one_rank).items():
         assert report["loss"] == pytest.approx(losses[tick], rel=1e-4), (task, tick)
         for name in ("eval_loss", "eval_accuracy", "eval_f1"):
             assert report[name] == pytest.approx(history(outcome, name)[tick], rel=1e-4, abs=1e-6), (task, tick, name)
@@ -194,14 +201,14 @@ def test_one_rank_in_this_process_trains_what_two_ray_workers_train(trained, one
 
 def test_a_resumed_classifier_continues_the_same_run(trained, one_rank, tmp_path):
     task, corpus, _ = trained
-    at_twenty = one_rank["checkpoints"][0]
-    assert at_twenty.endswith("checkpoint_000020"), one_rank["checkpoints"]
-    resumed = reported(in_process(tmp_path, corpus, task, f"train.resume_from={at_twenty}"))
+    at_twenty = one_rank.checkpoints[0]
+    assert at_twenty.endswith("checkpoint_000020"), one_rank.checkpoints
+    resumed, whole = by_tick(in_process(tmp_path, corpus, task, f"train.resume_from={at_twenty}")), by_tick(one_rank)
     assert sorted(resumed) == [30]
     for name in ("loss", "eval_loss", "eval_accuracy", "eval_f1"):
-        assert resumed[30][name] == pytest.approx(one_rank[30][name], rel=1e-6, abs=1e-9), name
+        assert resumed[30][name] == pytest.approx(whole[30][name], rel=1e-6, abs=1e-9), name
     # What the sweep's report and the summary call "before": the first eval, kept in the checkpoint.
-    assert resumed[30]["eval_accuracy_start"] == one_rank[30]["eval_accuracy_start"]
+    assert resumed[30]["eval_accuracy_start"] == whole[30]["eval_accuracy_start"]
 
 
 @pytest.mark.parametrize("site", ["norm", "embedding"])
@@ -209,9 +216,9 @@ def test_either_noise_reaches_the_classifiers_loss(trained, one_rank, quiet, tmp
     """The fused norms' noise (the runs above, σ = 0.1) and NEFTune's on the input embedding (α = 5)
     each change the losses of the same run without noise."""
     task, corpus, _ = trained
-    noisy = reported(one_rank if site == "norm" else
-                     in_process(tmp_path / site, corpus, task, "noise.site=embedding", "noise.sigma=0",
-                                "noise.neftune_alpha=5"))
+    noisy = by_tick(one_rank if site == "norm" else
+                    in_process(tmp_path / site, corpus, task, "noise.site=embedding", "noise.sigma=0",
+                               "noise.neftune_alpha=5"))
     differences = [abs(noisy[t]["loss"] - quiet[t]["loss"]) / quiet[t]["loss"] for t in sorted(quiet)]
     print(f"{task}, noise at the {site}: relative loss differences from no noise {differences}")
     assert min(differences) > 1e-4, differences
@@ -221,11 +228,7 @@ def test_a_sweep_on_macro_f1_picks_the_trial_with_the_highest_f1(ray_session, tm
     """A real sweep of the tiny sequence classifier on `eval_f1` (mode max, from the name): two trials
     one at a time, a quick and a slow learning rate; the best trial is the one whose last evaluation scored the
     highest F1, and the model it registers predicts class names."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = random.Random(1)
-    write_jsonl(corpus / "1-train.jsonl", sequence_records(320, rng))
-    write_jsonl(corpus / "2-eval.jsonl", sequence_records(64, rng))
+    corpus = write_corpus(tmp_path, "sequence_classification", seed=1)
     space = 'sweep.space={"train.lr": {"type": "choice", "values": [0.003, 0.00001]}}'
     cfg = load_config(SWEEP_YAML, [*location_overrides(tmp_path), *SHARED_CACHES,
                                    *task_overrides(corpus, "sequence_classification", 1), space, "sweep.metric=eval_f1",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 
 from pipeline import storage
 from pipeline.config import ConfigError, DataConfig, StorageConfig
@@ -26,20 +27,25 @@ def count_training_labels(pieces: list[dict], cfg: DataConfig, settings: Storage
     split_rule, reader, counts = SplitRule(cfg.split), PieceReader(cfg), Counter()
     try:
         for piece in pieces:
-            file_name = piece["name"].rsplit("/", 1)[-1]
-            for record in reader.records(**piece):
-                if record.bad or record.fields is None:
-                    continue
-                try:
-                    labelled = record_labels(cfg, record.fields)
-                except BadExample:
-                    continue
-                text = record.text or (json.dumps(record.fields, sort_keys=True) if split_rule.reads_text else "")
-                if split_rule(file_name, text) == "train":
-                    counts.update([labelled.labels] if isinstance(labelled.labels, str) else labelled.labels)
+            counts.update(_training_labels(piece, cfg, split_rule, reader))
     except FileProblem as problem:
         return str(problem)
     return dict(counts)
+
+
+def _training_labels(piece: dict, cfg: DataConfig, split_rule: SplitRule, reader: PieceReader) -> Iterator[str]:
+    """Every label of the piece's good training records (a tag per word for tagged tokens)."""
+    file_name = piece["name"].rsplit("/", 1)[-1]
+    for record in reader.records(**piece):
+        if record.bad or record.fields is None:
+            continue
+        try:
+            labelled = record_labels(cfg, record.fields)
+        except BadExample:
+            continue
+        text = record.text or (json.dumps(record.fields, sort_keys=True) if split_rule.reads_text else "")
+        if split_rule(file_name, text) == "train":
+            yield from [labelled.labels] if isinstance(labelled.labels, str) else labelled.labels
 
 
 def training_labels(chunks: list[list[dict]], cfg: DataConfig) -> dict[str, int]:

@@ -31,7 +31,8 @@ def first_eval_key(cfg: Config, model_ref: str, data_fingerprint: str, eval_samp
     is rounded down (`source.eval_batches`)."""
     t = cfg.train
     key = {"model_ref": model_ref, "model": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
-           "head_seed": t.seed if cfg.model.task != "causal_lm" else None,
+           # Only where it matters: a causal LM's key stays what it was, so a sweep from before still finds its eval.
+           **({"head_seed": t.seed} if cfg.model.task != "causal_lm" else {}),
            "data": data_fingerprint, "eval_samples": eval_samples, "world": world, "micro_batch": t.micro_batch_size,
            "zero_stage": t.zero_stage, "precision": t.precision, "use_gpu": t.use_gpu, "deepspeed": t.deepspeed,
            "kernel": cfg.kernel.model_dump(mode="json"),
