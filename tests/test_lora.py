@@ -72,7 +72,7 @@ def test_unknown_modules_are_config_errors_naming_the_field(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_only_the_adapters_train_and_the_frozen_base_stays_bit_for_bit(prepared, tmp_path, stage):
+def test_only_the_adapters_train_and_the_frozen_base_stays_bit_for_bit(prepared, tmp_path, stage, host_without_fp16):
     from pipeline.train.local import _process_group
     from pipeline.train.rank import _build_rank
     from pipeline.train.source import micro_batches

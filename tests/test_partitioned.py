@@ -1,6 +1,6 @@
 """ZeRO-3 partitioned loading on 2 real gloo ranks (2 processes): each rank holds and reads only its
-own share of the weights, the gathered parameters equal the files bit for bit, and every norm is
-still found and fused."""
+own share of the weights, the gathered parameters equal the files bit for bit (in the fp32 asked for,
+also where DeepSpeed's accelerator reports no fp16), and every norm is still found and fused."""
 
 import json
 import os
@@ -10,6 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.models.weights import WeightFiles
+
+from conftest import report_no_fp16
 
 LAYERS = 12  # 81M parameters, 325 MB in fp32: well above the fixed costs of a process's RSS
 ARCHITECTURE = dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=LAYERS,
@@ -35,6 +37,7 @@ def load_on_rank(rank: int, world: int, init_file: str, model_dir: str, results:
     from pipeline.models import patch_norms_with_report
     from pipeline.train.partitioned import load_partitioned_causal_lm
 
+    report_no_fp16(deepspeed)  # every host loads as an AVX2-only one does, where DeepSpeed dropped the fp32 asked for
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as Ray Train sets them
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -47,12 +50,14 @@ def load_on_rank(rank: int, world: int, init_file: str, model_dir: str, results:
     held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
     report = patch_norms_with_report(model, backend="torch")
     files = WeightFiles(model_dir)
-    equal = True
+    equal, dtypes = True, {str(p.ds_tensor.dtype) for p in model.parameters()}
     for name, param in model.named_parameters():  # one parameter gathered at a time
         with deepspeed.zero.GatheredParameters([param]):
-            equal &= torch.equal(param.detach(), files.read(name).view(param.shape))
+            dtypes.add(str(param.dtype))
+            stored = files.read(name).view(param.shape)
+            equal &= param.dtype == stored.dtype and torch.equal(param.detach(), stored)
     with open(f"{results}/rank{rank}.json", "w") as out:
-        json.dump({"grown": grown, "held": held, "equal": equal, "replaced": report.replaced,
+        json.dump({"grown": grown, "held": held, "equal": equal, "dtypes": sorted(dtypes), "replaced": report.replaced,
                    "in_blocks": report.in_blocks}, out)
     dist.destroy_process_group()
 
@@ -75,6 +80,7 @@ def test_each_zero3_rank_loads_only_its_share_and_the_gathered_weights_equal_the
                        start_method="spawn")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
+        assert rank["dtypes"] == ["torch.float32"]  # the partitions and the gathered weights, as the config asks
         assert rank["equal"]
         assert rank["replaced"] == 2 * LAYERS + 1 and rank["in_blocks"] == 2 * LAYERS
         assert rank["held"] == pytest.approx(full_bytes / 2, rel=0.01)

@@ -17,7 +17,8 @@ from pipeline.cache import cached_dir, stable_hash
 from pipeline.config import Config, LoraConfig, is_uri
 from pipeline.tracking import RunTarget
 from pipeline.train.checkpoints import WHOLE_MODULE_FILE, CheckpointError, local_checkpoint, local_tag, problem_with
-from pipeline.train.schedule import deepspeed_config, training_dtype
+from pipeline.train.precision import training_dtype
+from pipeline.train.schedule import deepspeed_config
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.train.schedule import training_dtype
+from pipeline.train.precision import training_dtype
 
 
 def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementation: str | None = None):
@@ -40,8 +40,11 @@ def load_partitioned_causal_lm(model_ref: str, ds_config: dict, attn_implementat
     config = AutoConfig.from_pretrained(directory)
     chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
     dtype = training_dtype(ds_config)
+    # zero.Init is given no dtype: it then reads it from the config's bf16/fp16 sections, as `dtype`
+    # does. An explicit dtype is dropped on CPUs without oneDNN fp16 (DeepSpeed 0.19.8's
+    # Init._set_dtype), which built fp32 runs in bf16 (bench/README.md, "Upstream bugs worked around").
     # prevent_arange_dtype_change keeps RoPE's fp32 position buffers out of zero.Init's dtype cast.
-    with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype), \
+    with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=None), \
             no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **chosen)
     model.tie_weights()  # skipped with the weight initialisation

@@ -25,6 +25,7 @@ from pipeline.train.checkpoints import local_checkpoint, needs_conversion, resum
 from pipeline.train.loop import Rank, Reporter, resume, train_ticks
 from pipeline.train.objective import objective_for
 from pipeline.train.partitioned import load_partitioned_causal_lm
+from pipeline.train.precision import check_trains_in, training_dtype
 from pipeline.train.samples import SampleGenerations
 from pipeline.train.schedule import deepspeed_config, lr_multiplier
 from pipeline.train.source import TickBatches, eval_batches
@@ -99,6 +100,7 @@ def _build_rank(plan: WorkerPlan, rank: int, world: int, device: torch.device, u
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=trainable, config=config, dist_init_required=False,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, cfg.max_ticks)))
+    check_trains_in(engine.module, training_dtype(config), "after DeepSpeed built the engine")
     startup.done("DeepSpeed")
     return Rank(engine, scheduler, rank, world, device), norms
 
@@ -176,6 +178,7 @@ def run_rank(plan: WorkerPlan, rank: int, world: int, local_world: int, device: 
         startup.done("tracking")
         train_ticks(plan.config, data.seq_len, me, progress, batches, evaluation, ticks, reporter, say, samples, startup,
                     objective_for(plan.config, data.label_names))
+        check_trains_in(me.engine.module, training_dtype(deepspeed_config(cfg)), f"at tick {progress.clock.tick}")
     finally:
         if batches is not None:
             batches.close()

@@ -49,14 +49,6 @@ def _zero_settings(cfg: TrainConfig) -> dict:
     return settings
 
 
-def training_dtype(ds_config: dict):
-    """The dtype the model trains in, read from the DeepSpeed config it trains under (so a bf16
-    switch made through train.deepspeed counts too): what the loader builds and the export writes."""
-    import torch
-
-    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-
-
 def lr_multiplier(cfg: TrainConfig, total_ticks: int):
     """Multiplier of lr for the optimizer step taken at `tick` (0-based): linear warmup to lr, then
     cosine down to exactly min_lr_ratio * lr at the last step (tick total_ticks - 1)."""
