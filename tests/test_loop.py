@@ -139,3 +139,30 @@ def test_the_export_writes_the_trained_weights_in_shards_holding_one_shard_at_a_
     in_bf16 = AutoModelForCausalLM.from_pretrained(halved.local_dir, dtype="auto")
     assert in_bf16.dtype == torch.bfloat16 and in_bf16.config.dtype == torch.bfloat16
     assert torch.equal(in_bf16.model.norm.weight, trained["model.norm.weight"].to(torch.bfloat16))
+
+
+def learning_rates(reporter):
+    return {int(r["tick"]): r["lr"] for r in reporter.reports if "lr" in r}
+
+
+def test_a_run_resumed_at_its_last_tick_trains_nothing_and_more_ticks_follow_the_longer_schedule(prepared, tmp_path,
+                                                                                                 capsys):
+    short = run(tmp_path, "short", "train.max_ticks=4", "train.checkpoint_every=2")
+    final = short.checkpoints[-1]
+    assert final.endswith("checkpoint_000004")
+
+    again = run(tmp_path, "again", "train.max_ticks=4", f"train.resume_from={final}")
+    assert again.samples_read == 0 and again.checkpoints == []  # nothing trained, nothing written
+    assert [r["tick"] for r in again.reports] == [4]  # its final evaluation, for the summary and the run
+    assert again.reports[0]["eval_loss"] == pytest.approx(short.reports[-1]["eval_loss"], rel=1e-6)
+    assert again.reports[0]["eval_loss_start"] == pytest.approx(short.reports[-1]["eval_loss_start"], rel=1e-6)
+    assert "the run is already complete at tick 4 of train.max_ticks=4" in capsys.readouterr().out
+
+    # train.max_ticks raised from 4 to 6: ticks 5 and 6 train at the rates of a run configured for 6
+    # from its start (the cosine stretched over 6 ticks), not at the 4-tick schedule's end.
+    longer = run(tmp_path, "longer", f"train.resume_from={final}")
+    fresh = run(tmp_path, "fresh")
+    assert sorted(learning_rates(longer)) == [5, 6]
+    for tick in (5, 6):
+        assert learning_rates(longer)[tick] == learning_rates(fresh)[tick], tick
+    assert learning_rates(longer)[5] > learning_rates(short)[4]  # the rate rises again from the short run's minimum

@@ -108,6 +108,43 @@ def test_logged_model_loads_with_pyfunc_and_generates(trained):
     assert isinstance(out[0], str) and out[0].startswith("Fellow citizens") and len(out[0]) > len("Fellow citizens")
 
 
+def test_resuming_a_complete_run_says_so_evaluates_and_exports_the_same_model(trained, capfd):
+    """A run cut after its last checkpoint (during its export, say) and resumed: one line says it is
+    complete, nothing trains, and its model is exported and logged in the new run."""
+    from safetensors.torch import load_file
+
+    cfg, outcome = trained
+    again = run_training(cfg.with_overrides([f"train.resume_from={outcome.checkpoint_dir.parent}"]))
+    assert f"the run is already complete at tick {TICKS} of train.max_ticks={TICKS}" in capfd.readouterr().out
+    assert storage_path(again.checkpoint) == outcome.checkpoint_dir  # exported from the tick-8 checkpoint itself
+    assert again.model_dir != outcome.model_dir
+    exported, before = load_file(again.model_dir / "model.safetensors"), load_file(outcome.model_dir / "model.safetensors")
+    assert exported.keys() == before.keys() and all(torch.equal(exported[n], before[n]) for n in before)
+    for name in ("eval_loss", "eval_loss_start", "eval_perplexity"):
+        assert again.metrics[name] == pytest.approx(outcome.metrics[name], rel=1e-6), name
+    client = client_for(again.tracking_uri)
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+    assert sorted(metric_steps(client, again.run_id, "eval_loss")) == [TICKS]
+    assert not metric_steps(client, again.run_id, "loss")  # no tick trained
+    assert "eval loss  before" in again.summary() and again.model_uri
+
+
+def test_a_checkpoint_past_max_ticks_is_refused_in_one_line(trained):
+    from pipeline.config import ConfigError
+    from pipeline.train.launch import resolve_resume
+
+    cfg, outcome = trained
+    with pytest.raises(ConfigError, match=rf"^train.max_ticks: 6 is below the tick of the checkpoint to resume \(.* is "
+                                          rf"at tick {TICKS}\); set train.max_ticks={TICKS} to export it, or more"):
+        resolve_resume(cfg.with_overrides([f"train.resume_from={outcome.checkpoint_dir.parent}", "train.max_ticks=6"]))
+
+
+def storage_path(location):
+    from pipeline import storage
+
+    return storage.local_path(location)
+
+
 def metric_steps(client, run_id, name):
     return {m.step: m.value for m in client.get_metric_history(run_id, name)}
 

@@ -16,6 +16,11 @@ def run_page(target: RunTarget) -> str:
             or run_page_url(LOCAL_UI, experiment_id, target.run_id))
 
 
+def latest_metrics(target: RunTarget) -> dict[str, float]:
+    """Each metric's newest value in the run, as MLflow holds them."""
+    return dict(client_for(target.uri).get_run(target.run_id).data.metrics)
+
+
 def recent_runs(uri: str, experiment: str, limit: int = 20) -> list[dict]:
     client = client_for(uri)
     found = client.get_experiment_by_name(experiment)

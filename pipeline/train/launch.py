@@ -14,7 +14,15 @@ from pipeline.data import PreparedData, prepare_data, prepare_model
 from pipeline.models.lora import check_lora
 from pipeline.runtime import ensure_ray
 from pipeline.tracking.secrets import redact
-from pipeline.train.checkpoints import CheckpointError, choose_checkpoint, describe_fallback, verify_sizes_only, weights_only
+from pipeline.train.checkpoints import (
+    CheckpointError,
+    checkpoint_tick,
+    choose_checkpoint,
+    describe_fallback,
+    resume_point,
+    verify_sizes_only,
+    weights_only,
+)
 from pipeline.train.classify import summary_lines
 from pipeline.train.export import export_in_task
 from pipeline.train.rank import WorkerPlan
@@ -125,6 +133,10 @@ def resolve_resume(cfg: Config) -> Config:
                           f"sweep); fine-tune from its exported model instead (model.source=hf_dir)")
     if skipped:
         console.warn(describe_fallback(chosen, skipped))
+    tick = checkpoint_tick(chosen)
+    if tick is not None and tick > cfg.train.max_ticks:
+        raise ConfigError(f"train.max_ticks: {cfg.train.max_ticks} is below the tick of the checkpoint to resume "
+                          f"({chosen} is at tick {tick}); set train.max_ticks={tick} to export it, or more to train on")
     return cfg.with_overrides([f"train.resume_from={chosen}"])
 
 
@@ -174,12 +186,15 @@ def run_training(cfg: Config) -> TrainOutcome:
                             **{f"data.bad_records.{reason}": count for reason, count in data.bad_records.items()}})
         storage_location = storage.join(output, "ray")
         result = fit(cfg, model_ref, data, tracker.target, run_key, storage_location)
-        checkpoint = stored_checkpoint(result, storage_location)
+        checkpoint = stored_checkpoint(result, storage_location, run_key, cfg.train.resume_from)
         # A classifier's config and logged model name its classes: the label map the data was prepared with.
         model = export_in_task(cfg, checkpoint, model_ref, storage.join(output, run_key, "model"),
                                tracker.target if cfg.tracking.log_model else None, label_names=data.label_names)
+    # A run resumed at its last tick reported its final evaluation without a checkpoint, which Ray
+    # Train does not keep: its rank 0 logged it.
+    metrics = dict(result.metrics) if result.metrics else tracking.latest_metrics(tracker.target)
     return TrainOutcome(run_id=tracker.target.run_id, tracking_uri=tracker.target.uri, run_name=run_name,
-                        metrics=dict(result.metrics), model_dir=model.local_dir, model_location=model.location,
+                        metrics=metrics, model_dir=model.local_dir, model_location=model.location,
                         model_uri=model.model_uri, checkpoint=checkpoint, adapter_location=model.adapter_location,
                         adapter_uri=model.adapter_uri, run_page=tracking.run_page(tracker.target))
 
@@ -234,10 +249,24 @@ def fit_in_process(cfg: Config, model_ref: str, data: PreparedData, run, storage
                       run_dir=storage.join(storage.resolve(storage_location), storage_name), marks=marks,
                       first_eval_dir=first_eval_dir)
     reporter = train_in_process(plan, listener, keep=cfg.train.keep_checkpoints)
-    return reporter.reports[-1], reporter.checkpoints[-1]
+    final = reporter.checkpoints[-1] if reporter.checkpoints else resumed_checkpoint(plan.run_dir, cfg.train.resume_from)
+    return reporter.reports[-1], final
 
 
-def stored_checkpoint(result, storage_location: str) -> str:
-    """The location of a fit's final checkpoint (Ray reports a path inside the storage filesystem)."""
-    return storage.to_location(storage.resolve(storage_location), result.checkpoint.path)
+def stored_checkpoint(result, storage_location: str, storage_name: str, resume_from: str | None) -> str:
+    """The location of a fit's final checkpoint: the last one Ray registered (it reports a path inside
+    the storage filesystem), or the one the run resumed from when it trained no tick (`resumed_checkpoint`)."""
+    storage_location = storage.resolve(storage_location)
+    if result.checkpoint is None:
+        return resumed_checkpoint(storage.join(storage_location, storage_name), resume_from)
+    return storage.to_location(storage_location, result.checkpoint.path)
+
+
+def resumed_checkpoint(run_dir: str, resume_from: str | None) -> str:
+    """The checkpoint a run's ranks resumed from, chosen as they chose it (`train.rank`): a run resumed
+    at train.max_ticks trains nothing and writes none, and this one holds its final weights."""
+    location, _ = resume_point(run_dir, resume_from, verify_sizes_only)
+    if location is None:
+        raise CheckpointError(f"{run_dir}: the run ended without writing a checkpoint, and it resumed from none")
+    return location
 

@@ -102,6 +102,9 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
         ticks.tracker.log_metrics(startup.metrics(), step=clock.tick)
         say(startup.summary())
 
+    if clock.tick >= t.max_ticks:  # resumed at its last tick (cut during its export, say): nothing left to train
+        _report_complete(objective, evaluate, progress, ticks, reporter, say, t.max_ticks)
+        return
     tokens_per_tick = t.samples_per_tick * (seq_len - 1)
     # DeepSpeed reports the global grad norm from its ZeRO and bf16 optimizers only; at stage 0 with
     # a plain torch optimizer it reports None, so there we measure the same thing ourselves.
@@ -155,9 +158,27 @@ def train_ticks(cfg: Config, seq_len: int, me: Rank, progress: Progress, batches
                 say(_eval_line(objective, clock.tick, metrics))
         checkpoint_due = (t.checkpoint_every and clock.tick % t.checkpoint_every == 0) or last_tick
         if checkpoint_due or evaluated:  # every eval is reported: a sweep's scheduler decides on them
-            report = {**metrics, **{f"{k}_start": v for k, v in progress.first_eval.items()}}
             unsent = ticks.unsent() if checkpoint_due else []
-            reporter.report(report, _saver(me, progress, unsent) if checkpoint_due else None)
+            reporter.report(_with_start(metrics, progress), _saver(me, progress, unsent) if checkpoint_due else None)
+
+
+def _with_start(metrics: dict, progress: Progress) -> dict:
+    """A report: the tick's metrics and the pre-training evaluation's, as `<name>_start`."""
+    return {**metrics, **{f"{k}_start": v for k, v in progress.first_eval.items()}}
+
+
+def _report_complete(objective: Objective, evaluate, progress: Progress, ticks: TickLog, reporter: Reporter, say,
+                     max_ticks: int) -> None:
+    """A run resumed at train.max_ticks: its final evaluation, logged and reported with no new
+    checkpoint (the driver exports the one it resumed from, and reads these metrics from the run:
+    Ray Train keeps only the metrics of reports with a checkpoint)."""
+    tick = progress.clock.tick
+    say(f"[pipeline] the run is already complete at tick {tick} of train.max_ticks={max_ticks}: nothing is left to "
+        "train, so its model is evaluated and exported (a larger train.max_ticks trains on)")
+    metrics = _with_start({**evaluate()[0], "tick": tick}, progress)
+    ticks.log(metrics, tick)
+    say(_eval_line(objective, tick, metrics))
+    reporter.report(metrics, None)
 
 
 def _saver(me: Rank, progress: Progress, unsent: list) -> SaveCheckpoint:
@@ -182,10 +203,22 @@ def resume(me: Rank, directory: Path | None, tag: str | None, own_run: bool) -> 
     # base model every rank has just loaded.
     _, client_state = me.engine.load_checkpoint(str(directory), tag=tag,
                                                 load_module_strict=not has_frozen_parameters(me.engine))
+    _follow_schedule(me.scheduler)
     clock = TickClock()
     clock.load_state_dict(client_state["clock"])
     return Progress(clock, client_state.get("first_eval"), client_state.get("unsent_metrics", []) if own_run else [],
                     client_state.get("global_batch"), client_state.get("eval_samples"))
+
+
+def _follow_schedule(scheduler) -> None:
+    """The learning rate of the restored tick, from this run's schedule. The checkpoint holds the rate
+    its own schedule gave, which differs when train.max_ticks changed: a run resumed with more ticks
+    trains each of them at the rate a run configured for that many from the start uses (its cosine
+    is stretched over the new total, so the rate rises again from where the shorter run ended)."""
+    rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports; LambdaLR has no public setter
 
 
 def has_frozen_parameters(engine) -> bool:

@@ -70,7 +70,8 @@ def run_trial(params: dict, plan: TrialPlan) -> None:
         metrics, checkpoint = fit_in_process(*run, listener=lambda reported, _: tune.report(reported), **shared)
     else:
         result = fit(*run, callbacks=[TuneReportCallback()], **shared)
-        metrics, checkpoint = result.metrics or {}, stored_checkpoint(result, plan.trials_dir)
+        metrics, checkpoint = result.metrics or {}, stored_checkpoint(result, plan.trials_dir, f"trial-{trial_id}",
+                                                                      cfg.train.resume_from)
     tune.report({**metrics, COMPLETED: True, "checkpoint_path": checkpoint, "mlflow_run_id": tracker.target.run_id})
 
 
