@@ -2,7 +2,11 @@
 input embedding's NEFTune hook.
 
 Hugging Face forward signatures stay unchanged because the norms read (tick, seed, sample ids)
-from here instead of from their arguments. A context is per process and per thread.
+from here instead of from their arguments. The context is one slot per process, shared by its
+threads, on purpose: on a GPU the backward pass, and so activation checkpointing's recomputation of
+the forward, runs on the autograd engine's device threads, which see neither a thread-local nor (in
+the torch versions pinned here, unless torch propagates it) a `contextvars.ContextVar` set by the
+thread that called backward; the recomputed norms must still find the micro-step's noise.
 """
 
 from __future__ import annotations
