@@ -14,11 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import (
-    console,
-    runtime,  # noqa: F401  (sets Ray's logging environment before Ray is imported)
-    storage,
-)
+from pipeline import console, runtime, storage
 from pipeline.config import Config, ConfigError, TrackingConfig, load_config, reference
 from pipeline.locations import anchor_paths
 
@@ -301,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.quiet_ray_environment()  # before any command imports Ray
     parser = build_parser()
     # Dotted overrides may also follow options (`submit SPEC --address URL train.lr=1e-3`).
     args, extra = parser.parse_known_args(argv)

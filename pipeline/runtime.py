@@ -14,13 +14,19 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 _NODE_IP_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's processes take the loopback address
 
-# Read by Ray when it is imported, so they are set before: rank-0 progress lines must not be folded
-# away as "repeated" nor drowned by per-operator progress bars in a log file.
-# Ray Train's print patch would also echo every worker line a second time.
+# Read by Ray when it is imported: rank-0 progress lines must not be folded away as "repeated" nor
+# drowned by per-operator progress bars in a log file. Ray Train's print patch would also echo every
+# worker line a second time. Ray's own processes get them through the runtime_env (`ensure_ray`).
 QUIET_RAY_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                  "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
-for _name, _value in QUIET_RAY_ENV.items():
-    os.environ.setdefault(_name, _value)
+
+
+def quiet_ray_environment() -> None:
+    """Set QUIET_RAY_ENV in this process where the user has not, before it imports Ray. Called by each
+    entry point (the CLI's `main`, the test session) and by `ensure_ray` for a library caller; a
+    caller that imported Ray before still gets them in Ray's workers."""
+    for name, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(name, value)
 
 # Ray Train's controller polls its workers every 2 s and starts a preemption watcher (a process of
 # its own) per run. On one machine there is no node to drain, and the polling is most of the wait
@@ -33,6 +39,7 @@ def ensure_ray(cfg: RayConfig, dashboard: bool = True) -> None:
     """Start (or join) Ray once per process. The dashboard stays on for training: Tune over Train
     needs it to release finished trials' placement groups. `pipeline prepare` alone goes without it
     (seconds less start-up on a small machine)."""
+    quiet_ray_environment()
     import ray
 
     if ray.is_initialized():

@@ -17,7 +17,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pipeline import runtime  # noqa: E402,F401  (Ray logging environment, before Ray is imported)
+from pipeline import runtime  # noqa: E402
+
+runtime.quiet_ray_environment()  # before any test imports Ray, as the CLI's main does
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.locations import location_overrides  # noqa: E402
 
