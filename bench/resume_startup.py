@@ -19,11 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import runtime  # noqa: F401  (Ray logging environment first)
+from pipeline import runtime
 from pipeline.config import load_config
 from pipeline.locations import location_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+runtime.quiet_ray_environment()  # an entry point: before anything imports Ray
 REPEATS = 3
 
 

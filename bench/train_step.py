@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # torchrun_loop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # servers: the tests' S3 server
 
-from pipeline import runtime  # noqa: F401  (Ray logging environment first)
+from pipeline import runtime
 from pipeline.config import load_config
 from pipeline.locations import location_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+runtime.quiet_ray_environment()  # an entry point: before anything imports Ray
 WORKERS, MICRO, SEQ, WARMUP = 2, 4, 128, 5
 ARCH = ["model.architecture.hidden_size=256", "model.architecture.intermediate_size=768",
         "model.architecture.num_hidden_layers=4", "model.architecture.num_attention_heads=8",

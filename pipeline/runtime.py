@@ -23,7 +23,7 @@ QUIET_RAY_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "
 
 def quiet_ray_environment() -> None:
     """Set QUIET_RAY_ENV in this process where the user has not, before it imports Ray. Called by each
-    entry point (the CLI's `main`, the test session) and by `ensure_ray` for a library caller; a
+    entry point (the CLI's `main`, the test session, the benchmarks) and by `ensure_ray` for a library caller; a
     caller that imported Ray before still gets them in Ray's workers."""
     for name, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(name, value)

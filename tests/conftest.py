@@ -75,11 +75,15 @@ def lincoln_paragraphs(count: int) -> list[str]:
     return [p.strip() for p in text.split("\n") if len(p.strip()) > 40][:count]
 
 
+def _no_fp16() -> bool:
+    return False
+
+
 def report_no_fp16(deepspeed) -> None:
     """Make this process's DeepSpeed accelerator report no fp16 support, as the CPU accelerator does
     on hosts without oneDNN fp16 (AVX2 only). DeepSpeed 0.19.8 chose dtypes from that, so a test
     that runs under it fails on every host where the choice would be wrong on some."""
-    deepspeed.get_accelerator().is_fp16_supported = lambda: False
+    deepspeed.get_accelerator().is_fp16_supported = _no_fp16
 
 
 @pytest.fixture
@@ -87,7 +91,7 @@ def host_without_fp16(monkeypatch):
     """`report_no_fp16` for one test in this process, undone afterwards."""
     import deepspeed
 
-    monkeypatch.setattr(deepspeed.get_accelerator(), "is_fp16_supported", lambda: False)
+    monkeypatch.setattr(deepspeed.get_accelerator(), "is_fp16_supported", _no_fp16)
 
 
 @pytest.fixture

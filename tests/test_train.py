@@ -116,7 +116,7 @@ def test_resuming_a_complete_run_says_so_evaluates_and_exports_the_same_model(tr
     cfg, outcome = trained
     again = run_training(cfg.with_overrides([f"train.resume_from={outcome.checkpoint_dir.parent}"]))
     assert f"the run is already complete at tick {TICKS} of train.max_ticks={TICKS}" in capfd.readouterr().out
-    assert storage_path(again.checkpoint) == outcome.checkpoint_dir  # exported from the tick-8 checkpoint itself
+    assert again.checkpoint_dir == outcome.checkpoint_dir  # exported from the tick-8 checkpoint itself
     assert again.model_dir != outcome.model_dir
     exported, before = load_file(again.model_dir / "model.safetensors"), load_file(outcome.model_dir / "model.safetensors")
     assert exported.keys() == before.keys() and all(torch.equal(exported[n], before[n]) for n in before)
@@ -137,12 +137,6 @@ def test_a_checkpoint_past_max_ticks_is_refused_in_one_line(trained):
     with pytest.raises(ConfigError, match=rf"^train.max_ticks: 6 is below the tick of the checkpoint to resume \(.* is "
                                           rf"at tick {TICKS}\); set train.max_ticks={TICKS} to export it, or more"):
         resolve_resume(cfg.with_overrides([f"train.resume_from={outcome.checkpoint_dir.parent}", "train.max_ticks=6"]))
-
-
-def storage_path(location):
-    from pipeline import storage
-
-    return storage.local_path(location)
 
 
 def metric_steps(client, run_id, name):

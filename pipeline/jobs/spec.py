@@ -105,6 +105,6 @@ def runtime_env_dict(spec: JobSpec, repo_root: Path, environ: dict[str, str] | N
         env_vars[name] = _REFERENCE.sub(lambda match: environ[match.group(1)], value)
     excludes = list(dict.fromkeys([*spec.runtime_env.excludes, *REQUIRED_EXCLUDES]))
     # A job's runtime_env replaces the one `ray.init` asks for inside the job, so the logging settings
-    # that `pipeline.runtime` gives local runs (no duplicated worker lines) travel with the job.
+    # that `pipeline.runtime.ensure_ray` gives local runs (no duplicated worker lines) travel with the job.
     return {"working_dir": str((repo_root / spec.runtime_env.working_dir).resolve()), "excludes": excludes,
             "env_vars": {**QUIET_RAY_ENV, **env_vars}}
